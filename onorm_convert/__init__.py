@@ -1,0 +1,7 @@
+"""onorm: convert BatchNorm models to Online Normalization, and fold them back for deployment."""
+
+from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase
+
+__version__ = "0.1.0"
+
+__all__ = ["OnlineNorm1d", "OnlineNorm2d", "OnlineNorm3d", "OnlineNormBase", "__version__"]

@@ -1,0 +1,30 @@
+"""Expected failures, each carrying the exit code the CLI reports.
+
+Exit codes (the pipeline contract): 0 done/verified, 1 verification failed, 2 bad input
+or usage, 130 interrupted. Anything else escaping is a bug in onorm.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class OnormError(Exception):
+    """An expected failure: one line saying what is wrong and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class BadInputError(OnormError):
+    """The input file, a flag, or the model it describes cannot be used (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class VerificationError(OnormError):
+    """A numerical check failed: outputs differ beyond tolerance or are not finite (exit 1)."""
+
+    exit_code = EXIT_MISMATCH

@@ -1,0 +1,140 @@
+"""OnlineNorm1d/2d/3d: drop-in BatchNorm replacements with Online Normalization."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import CLAMP, ECMS, LAYER_SCALING, NONE, OnlineNormFunction, StreamState, frozen_affine, layer_scale
+
+STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
+
+
+def normalize_ecm(ecm: str | None) -> str:
+    """Canonical ECM name: ``"clamp"``, ``"layer_scaling"`` or ``"none"`` (``None`` and ``"layer-scaling"`` accepted)."""
+    name = NONE if ecm is None else str(ecm).lower().replace("-", "_")
+    if name not in ECMS:
+        raise ValueError(f"ecm must be one of {', '.join(ECMS)} (or None); got {ecm!r}")
+    return name
+
+
+class OnlineNormBase(nn.Module):
+    """Online Normalization over channel dim 1 of inputs of rank ``_ranks``.
+
+    Training mode normalizes each sample with the streaming statistics of the samples
+    before it (batch order is stream order) and advances them; eval mode uses them
+    frozen. Buffers: ``running_mean``/``running_var`` (streaming mu and var) and
+    ``u_ctrl``/``v_ctrl`` (the backward control accumulators u and v), all kept in
+    float32 (or float64) whatever the dtype the module is cast to.
+    """
+
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        alpha_fwd: float = 0.999,
+        alpha_bkw: float = 0.99,
+        eps: float = 1e-5,
+        affine: bool = True,
+        ecm: str | None = CLAMP,
+        clamp_value: float = 5.0,
+        ls_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive; got {num_features}")
+        for name, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
+            if not 0.0 <= alpha < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {alpha}")
+        if clamp_value <= 0:
+            raise ValueError(f"clamp_value must be positive; got {clamp_value}")
+        self.num_features = num_features
+        self.alpha_fwd = float(alpha_fwd)
+        self.alpha_bkw = float(alpha_bkw)
+        self.eps = float(eps)
+        self.affine = affine
+        self.ecm = normalize_ecm(ecm)
+        self.clamp_value = float(clamp_value)
+        self.ls_eps = float(ls_eps)
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name in STATE_BUFFERS:
+            self.register_buffer(name, torch.zeros(num_features, device=device, dtype=state_dtype))
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Fresh stream: mu = 0, var = 1, u = v = 0."""
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.u_ctrl.zero_()
+            self.v_ctrl.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # model.half()/bfloat16() must not degrade the streaming statistics.
+        super()._apply(fn, recurse)
+        for name in STATE_BUFFERS:
+            buf = getattr(self, name)
+            if buf.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, buf.float())
+        return self
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim not in self._ranks:
+            ranks = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"{type(self).__name__} expects {ranks} input (N, C, ...); got {x.ndim}D input of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels (input shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        clamp = self.clamp_value if self.ecm == CLAMP else None
+        if self.training and x.shape[0] > 0:
+            state = StreamState(self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
+            z = OnlineNormFunction.apply(x, self.weight, self.bias, state, self.alpha_fwd, self.alpha_bkw, self.eps, clamp)
+        else:
+            z = self.frozen_forward(x, clamp)
+        return layer_scale(z, self.ls_eps) if self.ecm == LAYER_SCALING else z
+
+    def frozen_forward(self, x: Tensor, clamp: float | None) -> Tensor:
+        """Eval-mode output before layer scaling: frozen statistics, affine, optional clamp."""
+        scale, shift = frozen_affine(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        z = torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+        return z if clamp is None else z.clamp(-clamp, clamp)
+
+    def extra_repr(self) -> str:
+        ecm = f"ecm={self.ecm!r}" + (f", clamp_value={self.clamp_value}" if self.ecm == CLAMP else "")
+        return (
+            f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
+            f"eps={self.eps}, affine={self.affine}, {ecm}"
+        )
+
+
+class OnlineNorm1d(OnlineNormBase):
+    """Online Normalization for ``(N, C)`` or ``(N, C, L)`` inputs (replaces ``BatchNorm1d``)."""
+
+    _ranks = (2, 3)
+
+
+class OnlineNorm2d(OnlineNormBase):
+    """Online Normalization for ``(N, C, H, W)`` inputs (replaces ``BatchNorm2d``)."""
+
+    _ranks = (4,)
+
+
+class OnlineNorm3d(OnlineNormBase):
+    """Online Normalization for ``(N, C, D, H, W)`` inputs (replaces ``BatchNorm3d``)."""
+
+    _ranks = (5,)
