@@ -1,0 +1,56 @@
+"""Options shared by every command, and loading the MODEL argument the same way everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import BadInputError
+from ..inputs import parse_input_shape
+from ..load import LoadedModel, read_model
+
+ModelArg = Annotated[Path, typer.Argument(help="Model file: a state dict (+ --arch), an onorm checkpoint, or a pickled module (+ --trust).", show_default=False)]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="package.module:factory that builds the model, for a state dict (the current directory is importable).", show_default=False),
+]
+ArchKwargsOpt = Annotated[
+    Optional[str], typer.Option("--arch-kwargs", help='JSON object of keyword arguments for --arch, e.g. \'{"num_classes": 10}\'.', show_default=False)
+]
+KeyOpt = Annotated[Optional[str], typer.Option("--key", help="The key holding the state dict inside a training checkpoint.", show_default=False)]
+TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow unpickling a whole module: this runs code from the file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout instead of text.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for failures.")]
+InputShapeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224; repeat for a model with several inputs.", show_default=False),
+]
+OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file.", show_default=False)]
+
+
+def parse_arch_kwargs(text: str | None) -> dict:
+    """The ``--arch-kwargs`` JSON object as a dict ({} when not given)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"--arch-kwargs {text!r}: not valid JSON ({err.msg} at column {err.colno}); e.g. '{{\"num_classes\": 10}}'") from err
+    if not isinstance(value, dict):
+        raise BadInputError(f"--arch-kwargs {text!r}: expected a JSON object, e.g. '{{\"num_classes\": 10}}'")
+    return value
+
+
+def parse_input_shapes(texts: list[str] | None) -> list[tuple[int, ...]]:
+    """Every repeated ``--input-shape`` parsed, in order ([] when none given)."""
+    return [parse_input_shape(text) for text in texts or []]
+
+
+def load_for_cli(model: Path, arch: str | None, arch_kwargs: str | None, key: str | None, trust: bool) -> LoadedModel:
+    """Read MODEL with the loading flags as typed on the command line."""
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    return read_model(model, arch=arch, arch_kwargs=kwargs if arch_kwargs is not None else None, key=key, trust=trust)

@@ -1,0 +1,331 @@
+"""Loading a model file safely, whatever it holds, for every command.
+
+Recognized contents:
+
+* a state dict, or a training checkpoint holding one (``{"state_dict": ...}``,
+  ``{"model_state_dict": ...}``, ``{"model": ...}`` or ``key=NAME``), read with
+  ``torch.load(weights_only=True)``; the module is built by ``arch="package.module:factory"``;
+* onorm's own checkpoint (:mod:`onorm_convert.checkpoint`), rebuilt without flags;
+* a pickled module (``torch.save(model)``): unpickling runs code from the file, so only
+  with ``trust=True``.
+
+TorchScript archives, ``torch.export`` programs and ONNX files are recognized and refused;
+anything else (empty, truncated, text, random bytes) is a :class:`BadInputError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import is_checkpoint, validate_checkpoint
+from .errors import BadInputError
+
+PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "onorm_checkpoint"
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training checkpoints usually keep one
+_ZIP_MAGIC = b"PK\x03\x04"
+_SHOWN_NAMES = 5  # names listed in an error before "and N more"
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a file, with what the file said about it."""
+
+    module: nn.Module
+    format: str  # PICKLED_MODULE | STATE_DICT | ONORM_CHECKPOINT
+    arch: str | None = None  # "package.module:factory" when known
+    arch_kwargs: dict = field(default_factory=dict)
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)  # recorded by `onorm convert`; [] if none
+    info: dict = field(default_factory=dict)  # other metadata (tool version, conversion options, key)
+
+
+def read_model(
+    path: Path | str,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    key: str | None = None,
+    trust: bool = False,
+) -> LoadedModel:
+    """Read the model in ``path`` (see the module docstring for what is accepted).
+
+    ``arch`` builds the module for a state dict (it overrides the one recorded in an onorm
+    checkpoint); ``key`` picks the state dict inside a training checkpoint; ``trust`` allows
+    unpickling a whole module, which runs code from the file. Raises BadInputError with one
+    line saying what is wrong and what to do.
+    """
+    path = Path(path)
+    _check_readable(path)
+    _refuse_foreign_formats(path)
+    with _cwd_importable():
+        obj = _safe_load(path, trust)
+        if is_checkpoint(obj):
+            return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs)
+        found, used_key = _select(obj, key, path)
+        if isinstance(found, nn.Module):
+            return LoadedModel(found, PICKLED_MODULE, info={"key": used_key})
+        if arch is None:
+            raise BadInputError(
+                f"{path}: holds a state dict ({len(found)} entries) but no model code; pass --arch package.module:factory "
+                "(and --arch-kwargs JSON) naming the function that builds the model"
+            )
+        module = build_arch(arch, arch_kwargs or {})
+        load_state_dict_checked(module, found, path)
+        return LoadedModel(module, STATE_DICT, arch, dict(arch_kwargs or {}), info={"key": used_key})
+
+
+def load_model(path: Path | str, **kwargs: Any) -> nn.Module:
+    """The module in ``path``; same arguments as :func:`read_model`."""
+    return read_model(path, **kwargs).module
+
+
+def build_arch(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
+    """Import ``"package.module:factory"`` (current directory importable) and call it with ``arch_kwargs``."""
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise BadInputError(f"--arch {arch!r}: expected package.module:factory, e.g. torchvision.models:resnet18")
+    with _cwd_importable():
+        try:
+            namespace = importlib.import_module(module_name)
+        except Exception as err:  # noqa: BLE001 - any import failure is the user's code or path
+            raise BadInputError(
+                f"--arch {arch!r}: cannot import {module_name!r} ({type(err).__name__}: {_first_line(err)}); "
+                "run onorm from the folder that contains it or install the package"
+            ) from err
+    factory = namespace
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise BadInputError(f"--arch {arch!r}: {module_name!r} has no attribute {attr!r}; check the name after ':'")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise BadInputError(f"--arch {arch!r}: {attr!r} is a {type(factory).__name__}, not callable; name a class or function")
+    try:
+        module = factory(**arch_kwargs)
+    except Exception as err:  # noqa: BLE001 - the factory is user code
+        raise BadInputError(
+            f"--arch {arch!r}: calling it with --arch-kwargs {dict(arch_kwargs)} failed "
+            f"({type(err).__name__}: {_first_line(err)}); fix --arch-kwargs"
+        ) from err
+    if not isinstance(module, nn.Module):
+        raise BadInputError(f"--arch {arch!r}: returned a {type(module).__name__}, not a torch.nn.Module; name a model factory")
+    return module
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: Path | str) -> None:
+    """Load ``state_dict`` into ``module`` exactly; BadInputError naming missing, unexpected or misshaped keys.
+
+    A state dict saved from ``nn.DataParallel`` (every key prefixed ``module.``) is accepted.
+    """
+    state_dict = _strip_data_parallel_prefix(module, state_dict)
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # torch reports shape mismatches as one line per tensor
+        mismatches = _SIZE_MISMATCH.findall(str(err))
+        if not mismatches:
+            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by --arch ({_first_line(err)})") from err
+        name, in_file, in_model = mismatches[0]
+        raise BadInputError(
+            f"{source}: the weights do not fit the model built by --arch: shapes differ for {_names([m[0] for m in mismatches])} "
+            f"(e.g. {name!r}: {list(_dims(in_file))} in the file, {list(_dims(in_model))} in the model); check --arch and --arch-kwargs"
+        ) from err
+    problems = [f"{label} {_names(keys)}" for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+    if problems:
+        raise BadInputError(
+            f"{source}: the weights do not match the model built by --arch: {'; '.join(problems)}; check --arch and --arch-kwargs"
+        )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory; pass the model file inside it")
+    if not os.access(path, os.R_OK):
+        raise BadInputError(f"{path}: not readable; check its permissions")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path}: is empty; pass a model saved with torch.save")
+
+
+def _refuse_foreign_formats(path: Path) -> None:
+    """Recognize what torch.load must not be given; BadInputError for each."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise BadInputError(f"{path}: a truncated or corrupted zip-format checkpoint; save or copy it again")
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("/constants.pkl") for name in names):
+            raise BadInputError(
+                f"{path}: is a TorchScript archive, which onorm cannot convert; save the eager model's state dict "
+                "(torch.save(model.state_dict(), ...)) and pass --arch"
+            )
+        if any(name.endswith("/archive_format") for name in names):
+            raise BadInputError(
+                f"{path}: is a torch.export program (.pt2), which onorm cannot convert; save the eager model's state dict "
+                "(torch.save(model.state_dict(), ...)) and pass --arch"
+            )
+        if not any(name.endswith("data.pkl") for name in names):
+            raise BadInputError(f"{path}: a zip file but not a PyTorch checkpoint; pass a model saved with torch.save")
+        return
+    if _is_onnx(path, head):
+        raise BadInputError(f"{path}: is an ONNX model; onorm convert takes a PyTorch model (.pt saved with torch.save)")
+    if head[:1] == b"\x80":  # a pickle protocol opcode: the legacy (non-zip) torch.save format
+        return
+    if _is_text(head):
+        raise BadInputError(f"{path}: is a text file, not a model; pass a model saved with torch.save")
+    raise BadInputError(f"{path}: not a PyTorch model file (unrecognized content); pass a model saved with torch.save")
+
+
+def _is_onnx(path: Path, head: bytes) -> bool:
+    if path.suffix.lower() != ".onnx" and head[:1] != b"\x08":  # 0x08: protobuf field 1 (ir_version), how ONNX files start
+        return False
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable as ONNX: some other format
+        return path.suffix.lower() == ".onnx"
+    return model.ir_version > 0
+
+
+def _is_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the end of the sample is still text
+        return err.start >= len(head) - 3
+    return True
+
+
+def _safe_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` with weights_only unless trusted; a pickle that needs more is refused unless ``trust``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise BadInputError(f"{path}: cannot be read ({_first_line(err)}); the file is truncated or corrupted") from err
+        if not trust:
+            raise BadInputError(
+                f"{path}: contains pickled Python objects{_unsafe_globals(path)}; loading them runs code from the file. "
+                "If you trust it, pass --trust; otherwise save a state dict (torch.save(model.state_dict(), ...)) and pass --arch"
+            ) from err
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
+        raise BadInputError(f"{path}: cannot be read ({_first_line(err)}); the file is truncated or corrupted") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as err:
+        raise BadInputError(
+            f"{path}: the pickled model's code cannot be imported ({_first_line(err)}); run onorm from the folder with the code "
+            "that defines it, or save a state dict and pass --arch"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - arbitrary unpickling code failed
+        raise BadInputError(f"{path}: cannot be unpickled ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _unsafe_globals(path: Path) -> str:
+    """`` (a.B, c.D)``: the classes the pickle would import, found without running it; "" if unknown."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return ""
+    return f" ({_names(names)})" if names else ""
+
+
+def _select(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, Any] | nn.Module, str | None]:
+    """The module or state dict inside a loaded file, and the key it was under (None: the top level)."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            available = _names(list(obj)) if isinstance(obj, Mapping) else f"none (the file holds a {type(obj).__name__})"
+            raise BadInputError(f"{path}: --key {key!r} is not in the file; available keys: {available}")
+        found = obj[key]
+        if not (isinstance(found, nn.Module) or _is_state_dict(found)):
+            raise BadInputError(f"{path}: --key {key!r} holds a {type(found).__name__}, not a state dict or module; pick another --key")
+        return found, key
+    if isinstance(obj, nn.Module) or _is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, Mapping):
+        for candidate in STATE_DICT_KEYS:
+            if candidate in obj and (isinstance(obj[candidate], nn.Module) or _is_state_dict(obj[candidate])):
+                return obj[candidate], candidate
+        raise BadInputError(f"{path}: no state dict found among the keys {_names(list(obj))}; pass --key NAME to pick it")
+    raise BadInputError(f"{path}: holds a {type(obj).__name__}, not a model or state dict; pass a model saved with torch.save")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(name, str) for name in obj)
+        and any(isinstance(value, Tensor) for value in obj.values())
+        and all(isinstance(value, Tensor) or value is None for value in obj.values())
+    )
+
+
+def _strip_data_parallel_prefix(module: nn.Module, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    prefix = "module."
+    expected = module.state_dict().keys()
+    if all(name.startswith(prefix) for name in state_dict) and not all(name.startswith(prefix) for name in expected):
+        return {name[len(prefix):]: value for name, value in state_dict.items()}
+    return state_dict
+
+
+def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None) -> LoadedModel:
+    """arch(**arch_kwargs), converted with the recorded options, with the recorded state dict loaded."""
+    from .convert import ConversionWarning, convert  # imported here: `load` stays usable while convert is absent
+
+    arch = arch or ckpt["arch"]
+    kwargs = dict(ckpt["arch_kwargs"]) if arch_kwargs is None else dict(arch_kwargs)
+    shapes = [tuple(int(d) for d in shape) for shape in ckpt["input_shapes"]]
+    module = build_arch(arch, kwargs)
+    with warnings.catch_warnings():  # the notices were shown when the checkpoint was made
+        warnings.simplefilter("ignore", ConversionWarning)
+        convert(module, inplace=True, example_shapes=shapes or None, **ckpt["conversion"])
+    load_state_dict_checked(module, ckpt["state_dict"], path)
+    info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"])}
+    return LoadedModel(module, ONORM_CHECKPOINT, arch, kwargs, shapes, info)
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """Make the current directory importable, as ``python -m`` does, for the duration of a load."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _names(names: list[str] | tuple[str, ...]) -> str:
+    """``'a', 'b', 'c' and 4 more``: a short list for one-line messages."""
+    names = list(names)
+    shown = ", ".join(repr(name) for name in names[:_SHOWN_NAMES])
+    return shown + (f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d.strip())
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
