@@ -4,7 +4,7 @@ The equations are those of ``shared/docs/online-norm.md``. Training mode treats 
 samples of a batch as a stream in index order. Every per-sample recurrence is linear
 in its state, so each is evaluated for the whole batch by :func:`linear_scan` on the
 ``(N, C)`` per-sample statistics; the activations themselves are read in two passes
-forward and two backward, as BatchNorm does.
+forward and two backward, as BatchNorm does (see :mod:`.kernels`).
 
 Notation (per sample ``t`` and channel): ``m``/``s`` are the spatial mean and biased
 variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the sample,
@@ -13,11 +13,13 @@ variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .kernels import kernel
 from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
@@ -39,15 +41,6 @@ def stat_dtype(x: Tensor, state: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
 
 
-def _per_channel(stat: Tensor, ndim: int) -> Tensor:
-    """Reshape an ``(N, C)`` statistic to broadcast over an input of rank ``ndim``."""
-    return stat.reshape(stat.shape + (1,) * (ndim - 2))
-
-
-def _spatial_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.sum(dim=tuple(range(2, t.ndim)), dtype=dtype) if t.ndim > 2 else t.to(dtype)
-
-
 class OnlineNormFunction(torch.autograd.Function):
     """Streaming normalization + affine + optional clamp, with ON's controlled backward.
 
@@ -60,17 +53,13 @@ class OnlineNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value):
         dtype = stat_dtype(x, state.mean)
-        xs = x if x.dtype == dtype else x.to(dtype)
-        if x.ndim > 2:
-            s, m = torch.var_mean(xs, dim=tuple(range(2, x.ndim)), correction=0)
-        else:
-            m, s = xs, torch.zeros_like(xs)
+        x3 = _as_channels_by_positions(x, dtype)
+        m, s = kernel("spatial_stats", x3)(x3)
 
-        mean0, var0 = state.mean.to(dtype), state.var.to(dtype)
-        mean_prev, mean_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m, mean0)
+        mean_prev, mean_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m, state.mean.to(dtype))
         d = m - mean_prev
         var_incr = (1 - alpha_fwd) * s + (alpha_fwd * (1 - alpha_fwd)) * d * d
-        var_prev, var_last = linear_scan(alpha_fwd, var_incr, var0)
+        var_prev, var_last = linear_scan(alpha_fwd, var_incr, state.var.to(dtype))
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
 
@@ -80,31 +69,25 @@ class OnlineNormFunction(torch.autograd.Function):
         shift = -mean_prev * scale
         if bias is not None:
             shift = shift + bias.to(dtype)
-        z = torch.addcmul(_per_channel(shift, x.ndim), xs, _per_channel(scale, x.ndim))
-        if xs is not x:
-            z = z.to(x.dtype)
-        mask = None
-        if clamp_value is not None:
-            mask = z.abs() <= clamp_value
-            z.clamp_(-clamp_value, clamp_value)
+        limit = torch.tensor(math.inf if clamp_value is None else clamp_value, dtype=dtype, device=x.device)
+        z = kernel("affine_clamp", x3)(x3, scale.unsqueeze(2), shift.unsqueeze(2), limit)
 
-        ctx.save_for_backward(x, mask, mean_prev, inv_k, d, s, gamma)
+        ctx.save_for_backward(x, scale, shift, limit, mean_prev, inv_k, d, s, gamma)
         ctx.state, ctx.alpha_bkw = state, alpha_bkw
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return z
+        return z.reshape(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, mean_prev, inv_k, d, s, gamma = ctx.saved_tensors
+        x, scale, shift, limit, mean_prev, inv_k, d, s, gamma = ctx.saved_tensors
         state, ab = ctx.state, ctx.alpha_bkw
         dtype = mean_prev.dtype
-        grad_z = grad_out if mask is None else grad_out * mask
-        gz = grad_z if grad_z.dtype == dtype else grad_z.to(dtype)
-        xs = x if x.dtype == dtype else x.to(dtype)
-        count = x[0, 0].numel()
-        sum_gz = _spatial_sum(gz, dtype)
-        sum_gz_x = _spatial_sum(gz * xs, dtype)
+        x3 = _as_channels_by_positions(x, dtype)
+        g3 = grad_out.reshape(x3.shape)
+        count = x3.shape[2]
+        scale3, shift3 = scale.unsqueeze(2), shift.unsqueeze(2)
+        sum_gz, sum_gz_x = kernel("masked_grad_sums", x3)(g3, x3, scale3, shift3, limit)
         # mean over positions of grad_z * y, from the two sums (y = (x - mean_prev) * inv_k).
         mean_gz_y = (sum_gz_x - mean_prev * sum_gz) * (inv_k / count)
         grad_weight = None if ctx.weight_dtype is None else (mean_gz_y.sum(0) * count).to(ctx.weight_dtype)
@@ -123,9 +106,15 @@ class OnlineNormFunction(torch.autograd.Function):
         # dL/dx = g'/k - (1-ab) u_prev,  g' = g - (1-ab) v_prev y  ->  affine in grad_z and x.
         x_coef = -(1 - ab) * v_prev * inv_k * inv_k
         const = -x_coef * mean_prev - (1 - ab) * u_prev
-        grad_x = gz * _per_channel(g_scale, x.ndim)
-        grad_x.addcmul_(xs, _per_channel(x_coef, x.ndim)).add_(_per_channel(const, x.ndim))
-        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
+        coefs = (g_scale.unsqueeze(2), x_coef.unsqueeze(2), const.unsqueeze(2))
+        grad_x = kernel("input_grad", x3)(g3, x3, scale3, shift3, limit, *coefs)
+        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
+
+
+def _as_channels_by_positions(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` as ``(N, C, positions)`` in ``dtype``; a view whenever the layout allows (channels_last too)."""
+    x = x if x.dtype == dtype else x.to(dtype)
+    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
 def frozen_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float):

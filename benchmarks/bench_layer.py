@@ -1,0 +1,126 @@
+"""OnlineNorm vs BatchNorm: forward + backward time and peak memory, as ratios in one process.
+
+Training mode, float32, CPU, 2 threads, ResNet-50 activation shapes at batch 32 and one
+dense shape. OnlineNorm uses ECM clamp with affine; BatchNorm is affine. Both see the
+same input and output-gradient tensors, interleaved run by run so drift hits both alike.
+
+    python benchmarks/bench_layer.py [--repeats 9] [--quick] [--json results.json]
+
+Targets (issue 2): each conv shape <= 1.5x BatchNorm, their geometric mean <= 1.3x,
+dense <= 5x, peak memory <= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from onorm_convert import OnlineNorm1d, OnlineNorm2d
+
+CONV_SHAPES = [(32, 64, 56, 56), (32, 256, 28, 28), (32, 512, 14, 14), (32, 2048, 7, 7)]
+DENSE_SHAPE = (256, 1024)
+TARGETS = {"conv": 1.5, "conv_geomean": 1.3, "dense": 5.0, "memory": 1.2}
+
+
+def layer_pair(shape):
+    """(OnlineNorm, BatchNorm) of matching dimensionality for ``shape``."""
+    channels = shape[1]
+    if len(shape) == 4:
+        return OnlineNorm2d(channels), nn.BatchNorm2d(channels)
+    return OnlineNorm1d(channels), nn.BatchNorm1d(channels)
+
+
+def train_step(layer, x, grad):
+    x.grad = None
+    layer(x).backward(grad)
+
+
+def time_pair(shape, repeats):
+    """Median seconds of one forward+backward for (OnlineNorm, BatchNorm)."""
+    online, batch = layer_pair(shape)
+    x = torch.randn(shape).requires_grad_(True)
+    grad = torch.randn(shape)
+    for layer in (online, batch):  # warm-up: allocator, kernels, first-touch pages
+        for _ in range(2):
+            train_step(layer, x, grad)
+    times = {id(online): [], id(batch): []}
+    for _ in range(repeats):
+        for layer in (online, batch):
+            start = time.perf_counter()
+            train_step(layer, x, grad)
+            times[id(layer)].append(time.perf_counter() - start)
+    return statistics.median(times[id(online)]), statistics.median(times[id(batch)])
+
+
+def peak_memory_pair(shape):
+    """Peak bytes allocated by the CPU allocator over one forward+backward, (OnlineNorm, BatchNorm).
+
+    Measured with the profiler's memory tracking relative to the live input/grad tensors, so
+    only what the layer itself allocates (outputs, saved tensors, temporaries, grad_x) counts.
+    """
+    peaks = []
+    for layer in layer_pair(shape):
+        x = torch.randn(shape).requires_grad_(True)
+        grad = torch.randn(shape)
+        train_step(layer, x, grad)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_step(layer, x, grad)
+        peaks.append(_peak_from_events(prof))
+    return tuple(peaks)
+
+
+def _peak_from_events(prof) -> int:
+    """High-water mark of live bytes, replaying each op's own allocations and frees in start order."""
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, to check the harness runs")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    conv_shapes = [(4, 8, 6, 6), (4, 16, 3, 3)] if args.quick else CONV_SHAPES
+    dense_shape = (16, 32) if args.quick else DENSE_SHAPE
+
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'shape':>22} {'OnlineNorm ms':>14} {'BatchNorm ms':>13} {'ratio':>7} {'target':>7} {'mem ratio':>10}")
+    for shape in [*conv_shapes, dense_shape]:
+        t_on, t_bn = time_pair(shape, args.repeats)
+        m_on, m_bn = peak_memory_pair(shape)
+        kind = "conv" if len(shape) == 4 else "dense"
+        row = {"shape": list(shape), "kind": kind, "online_ms": t_on * 1e3, "batchnorm_ms": t_bn * 1e3,
+               "ratio": t_on / t_bn, "online_peak_bytes": m_on, "batchnorm_peak_bytes": m_bn,
+               "memory_ratio": m_on / m_bn if m_bn else float("nan")}  # fmt: skip
+        rows.append(row)
+        print(f"{str(shape):>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
+              f"{TARGETS[kind]:6.1f}x {row['memory_ratio']:9.2f}x")  # fmt: skip
+    conv_ratios = [r["ratio"] for r in rows if r["kind"] == "conv"]
+    geomean = math.exp(sum(map(math.log, conv_ratios)) / len(conv_ratios))
+    worst_memory = max(r["memory_ratio"] for r in rows)
+    print(f"conv geometric mean {geomean:.2f}x (target {TARGETS['conv_geomean']}x); "
+          f"worst memory ratio {worst_memory:.2f}x (target {TARGETS['memory']}x)")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows, "conv_geomean": geomean}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

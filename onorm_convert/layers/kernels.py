@@ -1,0 +1,83 @@
+"""The four passes over the activations, optionally fused with ``torch.compile``.
+
+Training ON reads the activations twice forward (statistics, then output) and twice
+backward (two sums, then the input gradient), like BatchNorm. Written as separate eager
+ops each pass becomes several, so on CPU the four functions below are compiled by
+TorchInductor into one loop each (``ONORM_COMPILE=auto``, the default, does this on CPU
+when a C compiler is present; ``1`` forces it, ``0`` disables it). The eager and
+compiled versions are the same Python functions, so they compute the same thing.
+
+All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
+shaped ``(N, C, 1)``. The clamp mask is recomputed from ``x`` in backward rather than
+stored: it costs arithmetic, not memory traffic, and survives an in-place ReLU on the output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def spatial_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel ``(mean, biased variance)`` over the last dim of ``x``."""
+    var, mean = torch.var_mean(x, dim=2, correction=0)
+    return mean, var
+
+
+def affine_clamp(x: Tensor, scale: Tensor, shift: Tensor, limit: Tensor) -> Tensor:
+    """``clamp(scale * x + shift, -limit, limit)``; ``limit`` may be ``inf``."""
+    return torch.clamp(x * scale + shift, -limit, limit)
+
+
+def masked_grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(gz), sum(gz * x))`` over the last dim, where ``gz`` is ``grad`` zeroed where the clamp cut."""
+    gz = torch.where((x * scale + shift).abs() <= limit, grad, 0.0)
+    return gz.sum(dim=2), (gz * x).sum(dim=2)
+
+
+def input_grad(grad, x, scale, shift, limit, grad_coef, x_coef, const) -> Tensor:
+    """``gz * grad_coef + x * x_coef + const``, with ``gz`` as in :func:`masked_grad_sums`."""
+    gz = torch.where((x * scale + shift).abs() <= limit, grad, 0.0)
+    return gz * grad_coef + x * x_coef + const
+
+
+EAGER = {f.__name__: f for f in (spatial_stats, affine_clamp, masked_grad_sums, input_grad)}
+_compiled: dict[str, object] = {}
+
+
+def _compile_wanted(x: Tensor) -> bool:
+    setting = os.environ.get("ONORM_COMPILE", "auto").lower()
+    if setting in ("0", "false", "off", "no") or x.dtype != torch.float32:
+        return False
+    if setting == "auto":
+        return x.device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is not None
+    return True
+
+
+def kernel(name: str, x: Tensor):
+    """The pass ``name`` for activations like ``x``: compiled where that pays, else eager."""
+    if not _compile_wanted(x) or _compiled.get(name) is False:
+        return EAGER[name]
+    if name not in _compiled:
+        _compiled[name] = _guarded(name, torch.compile(EAGER[name], dynamic=True))
+    return _compiled[name]
+
+
+def _guarded(name: str, compiled):
+    """Run ``compiled``; if compilation itself fails, warn once and fall back to eager for good."""
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure must not stop training
+            if _compiled.get(name) is False:
+                raise
+            _compiled[name] = False
+            warnings.warn(f"onorm: torch.compile failed for {name} ({type(err).__name__}); using eager kernels", stacklevel=3)
+            return EAGER[name](*args)
+
+    return run
