@@ -1,7 +1,9 @@
 """onorm: convert BatchNorm models to Online Normalization, and fold them back for deployment."""
 
+from .convert import convert, revert
 from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase
+from .load import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["OnlineNorm1d", "OnlineNorm2d", "OnlineNorm3d", "OnlineNormBase", "__version__"]
+__all__ = ["OnlineNorm1d", "OnlineNorm2d", "OnlineNorm3d", "OnlineNormBase", "__version__", "convert", "load_model", "revert"]

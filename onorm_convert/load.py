@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import is_checkpoint, validate_checkpoint
+from .convert import ConversionWarning, convert
 from .errors import BadInputError
 
 PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "onorm_checkpoint"
@@ -287,8 +288,6 @@ def _strip_data_parallel_prefix(module: nn.Module, state_dict: Mapping[str, Any]
 
 def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None) -> LoadedModel:
     """arch(**arch_kwargs), converted with the recorded options, with the recorded state dict loaded."""
-    from .convert import ConversionWarning, convert  # imported here: `load` stays usable while convert is absent
-
     arch = arch or ckpt["arch"]
     kwargs = dict(ckpt["arch_kwargs"]) if arch_kwargs is None else dict(arch_kwargs)
     shapes = [tuple(int(d) for d in shape) for shape in ckpt["input_shapes"]]

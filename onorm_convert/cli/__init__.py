@@ -1,5 +1,6 @@
 """The ``onorm`` command line: a thin layer over the load/convert/fold/export/verify modules."""
 
+from . import convert_cmd  # noqa: F401 - registers `onorm convert`
 from .app import app
 
 

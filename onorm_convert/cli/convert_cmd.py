@@ -1,0 +1,143 @@
+"""``onorm convert``: a BatchNorm model in, an OnlineNorm model out, checked on example inputs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+
+from ..checkpoint import make_checkpoint, save_checkpoint
+from ..convert import EXACT_RTOL, ConversionWarning, LayerChange, check_conversion, convert_with_report
+from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
+from ..files import check_output_path, write_atomically
+from ..inputs import random_inputs
+from ..layers import normalize_ecm
+from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
+from .app import Console, app, run_command
+from .options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DebugOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArg,
+    OutputOpt,
+    TrustOpt,
+    load_for_cli,
+    parse_input_shapes,
+)
+
+TABLE_COLUMNS = ("module", "old type", "new type", "channels", "statistics source")
+
+
+@app.command()
+def convert(
+    model: ModelArg,
+    output: OutputOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    ecm: Annotated[str, typer.Option("--ecm", help="Error compensation: clamp, layer-scaling or none.")] = "clamp",
+    clamp_value: Annotated[float, typer.Option("--clamp-value", help="Clamp bound for --ecm clamp.")] = 5.0,
+    alpha_fwd: Annotated[float, typer.Option("--alpha-fwd", help="Forward (statistics) decay.")] = 0.999,
+    alpha_bkw: Annotated[float, typer.Option("--alpha-bkw", help="Backward (control) decay.")] = 0.99,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Convert only modules whose name matches this glob (repeatable).", show_default=False)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave modules whose name matches this glob (repeatable).", show_default=False)] = None,
+    frozen_bn: Annotated[bool, typer.Option("--frozen-bn", help="Also convert torchvision FrozenBatchNorm2d (made trainable).")] = False,
+    input_shape: InputShapeOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Replace a model's BatchNorm layers by Online Normalization, keeping what it learned."""
+
+    def body(console: Console) -> tuple[int, dict[str, Any]]:
+        options = {
+            "ecm": _ecm_name(ecm), "clamp_value": clamp_value, "alpha_fwd": alpha_fwd, "alpha_bkw": alpha_bkw,
+            "include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn,
+        }  # fmt: skip
+        shapes = parse_input_shapes(input_shape)
+        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        destination = check_output_path(output or model.with_name(f"{model.stem}_onorm.pt"), [model], force)
+        shapes = shapes or loaded.input_shapes
+        converted, changes = _convert(loaded, options, shapes, console)
+        report: dict[str, Any] = {
+            "input": str(model), "input_format": loaded.format, "output": str(destination), "options": options,
+            "layers": [change.to_dict() for change in changes],
+            "converted": sum(change.new_type is not None for change in changes),
+        }  # fmt: skip
+        _print_table(console, changes)
+        if shapes:
+            check = check_conversion(loaded.module, converted, random_inputs(shapes))
+            report["check"] = {"input_shapes": [list(s) for s in shapes], **check.to_dict()}
+            console.print(
+                f"check on {', '.join(map(str, shapes))}: max |difference| {check.max_abs_diff:.3g} with --ecm {ecm}; "
+                f"ECM off: relative {check.exact_rel_diff:.3g} ({'exact' if check.exact else 'NOT exact'})"
+            )
+            if not check.exact:
+                console.warn(f"the converted model differs from the original beyond {EXACT_RTOL:g}; nothing written")
+                return EXIT_MISMATCH, report
+        else:
+            report["check"] = None
+            console.warn("no --input-shape: the conversion was not checked on an example input")
+        report["output_format"] = _write(loaded, converted, destination, options, shapes)
+        console.print(f"converted {report['converted']} of {len(changes)} normalization layers -> {destination}")
+        return EXIT_OK, report
+
+    run_command("convert", json_mode, debug, body)
+
+
+def _ecm_name(ecm: str) -> str:
+    try:
+        return normalize_ecm(ecm)
+    except ValueError as err:
+        raise BadInputError(f"--ecm {ecm!r}: expected clamp, layer-scaling or none") from err
+
+
+def _convert(loaded: LoadedModel, options: dict[str, Any], shapes: list[tuple[int, ...]], console: Console):
+    """convert_with_report with its ConversionWarnings shown as console warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionWarning)
+        converted, changes = convert_with_report(loaded.module, example_shapes=shapes or None, **options)
+    for warning in caught:
+        if issubclass(warning.category, ConversionWarning):
+            console.warn(str(warning.message))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if loaded.format == ONORM_CHECKPOINT and any(change.new_type for change in changes):
+        raise BadInputError(
+            f"the onorm checkpoint was converted with {loaded.info['conversion']}; converting it again with other options "
+            "cannot be recorded: convert the original state dict with the options you want"
+        )
+    return converted, changes
+
+
+def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, options: dict, shapes: list) -> str:
+    """Save a pickled module for a pickled module, else the self-describing checkpoint; returns the format written."""
+    if loaded.format == PICKLED_MODULE:
+        write_atomically(destination, lambda tmp: torch.save(converted, tmp))
+        return PICKLED_MODULE
+    conversion = loaded.info["conversion"] if loaded.format == ONORM_CHECKPOINT else options
+    save_checkpoint(destination, make_checkpoint(converted, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, conversion=conversion, input_shapes=shapes))
+    return ONORM_CHECKPOINT
+
+
+def _print_table(console: Console, changes: list[LayerChange]) -> None:
+    rows = [
+        (c.name + (f" (= {', '.join(c.aliases)})" if c.aliases else ""), c.old_type, c.new_type or f"- ({c.note})", str(c.channels), c.stats)
+        for c in changes
+    ]
+    for line in format_table(TABLE_COLUMNS, rows):
+        console.print(line)
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, with the header first."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]

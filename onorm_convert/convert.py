@@ -1,0 +1,509 @@
+"""BatchNorm -> OnlineNorm conversion (and back), one registered converter per module type.
+
+Conversion keeps what a trained model computes: each OnlineNorm starts from the
+BatchNorm's ``running_mean``/``running_var``, keeps its ``eps`` and takes over its very
+``weight``/``bias`` parameters, so in eval mode with the ECM off the converted model
+computes what the original did (:func:`check_conversion` proves it on example inputs).
+A layer onorm cannot convert faithfully is left alone with a :class:`ConversionWarning`.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import BadInputError, VerificationError
+from .inputs import random_inputs, run_model
+from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
+
+ONLINE_NORMS: dict[int, type[OnlineNormBase]] = {1: OnlineNorm1d, 2: OnlineNorm2d, 3: OnlineNorm3d}
+BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+EXACT_RTOL = 1e-5  # the swap with the ECM off must match the original to this relative error
+_BN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+class ConversionWarning(UserWarning):
+    """A layer left alone, statistics started fresh, or nothing to convert."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """The OnlineNorm settings every converted layer gets."""
+
+    ecm: str = "clamp"
+    clamp_value: float = 5.0
+    alpha_fwd: float = 0.999
+    alpha_bkw: float = 0.99
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How one normalization type becomes an OnlineNorm.
+
+    ``to_online(module, online_cls, options)`` builds the replacement; ``dim`` is the
+    spatial rank it normalizes (None: decided from the example input or the
+    neighbouring layer); ``on_request``: converted only when asked (``frozen_bn=True``).
+    """
+
+    to_online: Callable[[nn.Module, type[OnlineNormBase], ConvertOptions], OnlineNormBase]
+    dim: int | None
+    on_request: bool = False
+
+
+_REGISTRY: dict[type | str, Converter] = {}
+
+
+def register_converter(module_type: type | str, *, dim: int | None, on_request: bool = False):
+    """Register ``fn(module, online_cls, options) -> OnlineNormBase`` for ``module_type``.
+
+    ``module_type`` is a class, or a class name for libraries onorm does not import
+    (matched by name, e.g. torchvision's ``"FrozenBatchNorm2d"``). Subclasses use their
+    base's converter unless they change its ``forward`` or add state.
+    """
+
+    def decorate(fn):
+        _REGISTRY[module_type] = Converter(fn, dim, on_request)
+        return fn
+
+    return decorate
+
+
+@dataclass
+class LayerChange:
+    """What conversion does (or would do) to one normalization layer."""
+
+    name: str  # qualified name ("<model>" for the root); the first of its names when shared
+    old_type: str
+    new_type: str | None  # None: left alone
+    channels: int
+    stats: str  # where the OnlineNorm statistics come from
+    note: str = ""  # why it is left alone, or how its dimension was chosen
+    aliases: list[str] = field(default_factory=list)  # every other name of a shared module
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+    dim: int | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields (no module)."""
+        return {k: getattr(self, k) for k in ("name", "old_type", "new_type", "channels", "stats", "note", "aliases")}
+
+
+def convert(
+    model: nn.Module,
+    *,
+    ecm: str | None = "clamp",
+    clamp_value: float = 5.0,
+    alpha_fwd: float = 0.999,
+    alpha_bkw: float = 0.99,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    inplace: bool = False,
+    frozen_bn: bool = False,
+    example_shapes: Sequence[Sequence[int]] | None = None,
+) -> nn.Module:
+    """``model`` with its BatchNorms replaced by OnlineNorms; see :func:`convert_with_report`."""
+    return convert_with_report(
+        model, ecm=ecm, clamp_value=clamp_value, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw, include=include,
+        exclude=exclude, inplace=inplace, frozen_bn=frozen_bn, example_shapes=example_shapes,
+    )[0]  # fmt: skip
+
+
+def convert_with_report(
+    model: nn.Module,
+    *,
+    ecm: str | None = "clamp",
+    clamp_value: float = 5.0,
+    alpha_fwd: float = 0.999,
+    alpha_bkw: float = 0.99,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    inplace: bool = False,
+    frozen_bn: bool = False,
+    example_shapes: Sequence[Sequence[int]] | None = None,
+) -> tuple[nn.Module, list[LayerChange]]:
+    """Replace BatchNorm1d/2d/3d and SyncBatchNorm (and FrozenBatchNorm2d if ``frozen_bn``) by OnlineNorms.
+
+    ``include``/``exclude`` are glob patterns over qualified module names (a shared module
+    matches through any of its names). ``inplace=False`` converts a deep copy. SyncBatchNorm's
+    dimension comes from ``example_shapes`` (random inputs run through the model) or else
+    from the neighbouring layer. Returns the converted model and one :class:`LayerChange`
+    per normalization layer; emits a :class:`ConversionWarning` for each layer left alone,
+    each started from fresh statistics, and when there is nothing to convert.
+    """
+    options = ConvertOptions(normalize_ecm(ecm), float(clamp_value), float(alpha_fwd), float(alpha_bkw))
+    _check_options(options)
+    if not inplace:
+        model = copy.deepcopy(model)
+    changes = plan_conversion(model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes)
+    replacements = {}
+    for change in changes:
+        if change.new_type is None:
+            if not isinstance(change.module, OnlineNormBase):
+                warnings.warn(f"'{change.name}' ({change.old_type}) left as is: {change.note}", ConversionWarning, stacklevel=2)
+            continue
+        converter = find_converter(change.module)
+        online = converter.to_online(change.module, ONLINE_NORMS[change.dim], options)
+        online.train(change.module.training)
+        replacements[id(change.module)] = online
+        if change.stats.startswith("fresh"):
+            warnings.warn(
+                f"'{change.name}' tracked no running statistics: its OnlineNorm starts fresh (mean 0, var 1), "
+                "so the converted model computes differently until trained",
+                ConversionWarning,
+                stacklevel=2,
+            )
+    if not replacements:
+        warnings.warn("the model has no BatchNorm layer to convert; it is returned unchanged", ConversionWarning, stacklevel=2)
+    return replace_modules(model, replacements), changes
+
+
+def plan_conversion(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    frozen_bn: bool = False,
+    example_shapes: Sequence[Sequence[int]] | None = None,
+) -> list[LayerChange]:
+    """What :func:`convert_with_report` would do to each normalization layer of ``model``, changing nothing."""
+    names = _all_names(model)
+    candidates = [m for m in names if isinstance(m, OnlineNormBase) or _is_normalization(m)]
+    observed = _observed_ranks(model, candidates, example_shapes)
+    changes = []
+    for module in candidates:
+        first, *aliases = names[module]
+        converter = find_converter(module)
+        change = LayerChange(first, type(module).__name__, None, _channels(module), _stats_source(module), aliases=aliases, module=module)
+        change.note = _reason_to_skip(module, converter, names[module], include, exclude, frozen_bn)
+        if not change.note:
+            change.dim, change.note = _dimension(model, module, converter, observed)
+            change.new_type = ONLINE_NORMS[change.dim].__name__
+        changes.append(change)
+    return changes
+
+
+def find_converter(module: nn.Module) -> Converter | None:
+    """The converter registered for ``module``'s class or its nearest registered base (by class or by name)."""
+    for cls in type(module).__mro__:
+        converter = _REGISTRY.get(cls) or _REGISTRY.get(cls.__name__)
+        if converter is not None:
+            return converter
+    return None
+
+
+def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Swap every occurrence of each module (keyed by ``id``) under ``model``; shared modules stay shared."""
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None and id(child) in replacements:
+                parent._modules[name] = replacements[id(child)]
+    return model
+
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """OnlineNorm layers back to BatchNorm with the frozen statistics, for tools that only know BatchNorm.
+
+    The BatchNorm computes ``weight * (x - mean) / sqrt(var + eps) + bias``: the eval output
+    without the ECM. Layers with a clamp or layer scaling get a :class:`ConversionWarning`,
+    since the BatchNorm cannot apply it. Parameters are the same tensors.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = _all_names(model)
+    online = [m for m in names if isinstance(m, OnlineNormBase)]
+    with_ecm = [names[m][0] for m in online if m.ecm != "none"]
+    if with_ecm:
+        warnings.warn(
+            f"BatchNorm cannot apply the clamp or layer-scaling ECM of {', '.join(map(repr, with_ecm))}; "
+            "the reverted layers compute the output without it",
+            ConversionWarning,
+            stacklevel=2,
+        )
+    return replace_modules(model, {id(m): _to_batchnorm(m) for m in online})
+
+
+@dataclass
+class ConversionCheck:
+    """The outputs of the original and converted models compared in eval mode."""
+
+    max_abs_diff: float  # converted as configured (clamp on) vs original
+    exact_rel_diff: float  # converted with the ECM off vs original, relative to the largest output
+    exact: bool  # exact_rel_diff <= EXACT_RTOL
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields, with the tolerance used."""
+        return {**self.__dict__, "tolerance": EXACT_RTOL}
+
+
+def check_conversion(original: nn.Module, converted: nn.Module, inputs: Sequence[Tensor]) -> ConversionCheck:
+    """Run both models in eval mode on ``inputs``: the largest output difference as converted, and with the ECM off.
+
+    Training flags are restored afterwards. Raises VerificationError if an output is not
+    finite or the two models' outputs differ in structure or shape.
+    """
+    with _eval_mode(original), _eval_mode(converted):
+        reference = _flat_outputs(run_model(original, inputs), "original")
+        as_converted = _flat_outputs(run_model(converted, inputs), "converted")
+        with _ecm_off(converted):
+            exact = _flat_outputs(run_model(converted, inputs), "converted (ECM off)")
+    max_abs = max((_max_abs_diff(a, b) for a, b in _paired(reference, as_converted)), default=0.0)
+    rel = max((_max_abs_diff(a, b) / max(a.abs().max().item(), 1e-12) for a, b in _paired(reference, exact)), default=0.0)
+    return ConversionCheck(max_abs, rel, rel <= EXACT_RTOL)
+
+
+# --- the registered converters ----------------------------------------------------------------
+
+
+@register_converter(nn.BatchNorm1d, dim=1)
+@register_converter(nn.BatchNorm2d, dim=2)
+@register_converter(nn.BatchNorm3d, dim=3)
+@register_converter(nn.SyncBatchNorm, dim=None)
+def online_from_batchnorm(bn: nn.modules.batchnorm._NormBase, online_cls: type[OnlineNormBase], options: ConvertOptions) -> OnlineNormBase:
+    """An OnlineNorm equal to ``bn`` in eval mode: its weight/bias parameters, running statistics and eps."""
+    online = _new_online(bn, online_cls, options, affine=bn.affine)
+    if bn.affine:
+        online.weight, online.bias = bn.weight, bn.bias
+    if bn.track_running_stats and bn.running_mean is not None:
+        _copy_stats(online, bn.running_mean, bn.running_var)
+    return online
+
+
+@register_converter("FrozenBatchNorm2d", dim=2, on_request=True)
+def online_from_frozen_batchnorm(bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions) -> OnlineNormBase:
+    """An OnlineNorm equal to torchvision's FrozenBatchNorm2d in eval; its buffers become trainable parameters."""
+    online = _new_online(bn, online_cls, options, affine=True)
+    online.weight = nn.Parameter(bn.weight.detach().clone())
+    online.bias = nn.Parameter(bn.bias.detach().clone())
+    _copy_stats(online, bn.running_mean, bn.running_var)
+    return online
+
+
+def _new_online(bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions, affine: bool) -> OnlineNormBase:
+    reference = bn.weight if affine and bn.weight is not None else bn.running_mean
+    factory = {"device": None, "dtype": None} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    return online_cls(
+        _channels(bn), alpha_fwd=options.alpha_fwd, alpha_bkw=options.alpha_bkw, eps=float(bn.eps), affine=affine,
+        ecm=options.ecm, clamp_value=options.clamp_value, **factory,
+    )  # fmt: skip
+
+
+def _copy_stats(online: OnlineNormBase, mean: Tensor, var: Tensor) -> None:
+    with torch.no_grad():
+        online.running_mean.copy_(mean)
+        online.running_var.copy_(var)
+
+
+def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
+    dim = next(d for d, cls in ONLINE_NORMS.items() if isinstance(online, cls))
+    reference = online.weight if online.affine else online.running_mean
+    bn = BATCH_NORMS[dim](online.num_features, eps=online.eps, affine=online.affine, device=reference.device, dtype=reference.dtype)
+    if online.affine:
+        bn.weight, bn.bias = online.weight, online.bias
+    with torch.no_grad():
+        bn.running_mean.copy_(online.running_mean)
+        bn.running_var.copy_(online.running_var)
+    return bn.train(online.training)
+
+
+# --- planning helpers ---------------------------------------------------------------------------
+
+
+def _check_options(options: ConvertOptions) -> None:
+    for name in ("alpha_fwd", "alpha_bkw"):
+        if not 0.0 <= getattr(options, name) < 1.0:
+            raise BadInputError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be in [0, 1), e.g. 0.999")
+    if not options.clamp_value > 0:
+        raise BadInputError(f"--clamp-value {options.clamp_value}: must be positive, e.g. 5")
+
+
+def _all_names(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every module of ``model`` with all its qualified names, in definition order."""
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name or "<model>")
+    return names
+
+
+def _is_normalization(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or find_converter(module) is not None
+
+
+def _channels(module: nn.Module) -> int:
+    if hasattr(module, "num_features"):
+        return int(module.num_features)
+    return int(module.weight.shape[0])  # FrozenBatchNorm2d keeps no num_features
+
+
+def _stats_source(module: nn.Module) -> str:
+    if isinstance(module, OnlineNormBase):
+        return "streaming (already OnlineNorm)"
+    if getattr(module, "running_mean", None) is None:
+        return "fresh (none tracked)"
+    return "running_mean/running_var"
+
+
+def _reason_to_skip(
+    module: nn.Module,
+    converter: Converter | None,
+    names: list[str],
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    frozen_bn: bool,
+) -> str:
+    """Why ``module`` is not converted ("" if it is); BadInputError for what cannot be converted at all."""
+    if isinstance(module, OnlineNormBase):
+        return "already OnlineNorm"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise BadInputError(
+            f"'{names[0]}' is an uninitialized lazy BatchNorm; run one forward pass (or load trained weights) before converting"
+        )
+    if converter is None:
+        return f"no converter for {type(module).__name__} (register one with onorm_convert.convert.register_converter)"
+    if converter.on_request and not frozen_bn:
+        return f"{type(module).__name__} is converted only on request (--frozen-bn)"
+    extra = _extra_behaviour(module)
+    if extra:
+        return extra
+    if exclude and any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude):
+        return "excluded (--exclude)"
+    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
+        return "not included (--include)"
+    _check_finite_stats(module, names[0])
+    return ""
+
+
+def _extra_behaviour(module: nn.Module) -> str:
+    """Why a subclass of a registered type would compute differently as a plain OnlineNorm ("" if it would not)."""
+    base = next(cls for cls in type(module).__mro__ if cls in _REGISTRY or cls.__name__ in _REGISTRY)
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides forward (it does more than {base.__name__}); converting it would change what it computes"
+    extra_state = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    if list(module.children()) or extra_state - _BN_STATE:
+        return f"{type(module).__name__} holds more than {base.__name__} (submodules or extra state); converting it would drop them"
+    return ""
+
+
+def _check_finite_stats(module: nn.Module, name: str) -> None:
+    for stat in ("running_mean", "running_var", "weight", "bias"):
+        value = getattr(module, stat, None)
+        if isinstance(value, Tensor) and not torch.isfinite(value).all():
+            raise BadInputError(f"'{name}': its {stat} contains NaN or Inf; the model is damaged, retrain or fix it before converting")
+
+
+def _dimension(model: nn.Module, module: nn.Module, converter: Converter, observed: dict[nn.Module, int]) -> tuple[int, str]:
+    """The spatial rank to convert ``module`` for, and a note on how it was chosen when not fixed by its type."""
+    if converter.dim is not None:
+        return converter.dim, ""
+    if module in observed:
+        return observed[module], "dimension from the example input"
+    neighbour = _neighbour_rank(model, module)
+    if neighbour is not None:
+        return neighbour[0], f"dimension from neighbouring layer '{neighbour[1]}'"
+    name = _all_names(model)[module][0]
+    raise BadInputError(
+        f"'{name}' ({type(module).__name__}): cannot tell whether it normalizes 1d, 2d or 3d inputs; pass --input-shape"
+    )
+
+
+_RANK_OF: tuple[tuple[type, int], ...] = (
+    (nn.Linear, 1), (nn.Conv1d, 1), (nn.ConvTranspose1d, 1), (nn.BatchNorm1d, 1), (OnlineNorm1d, 1),
+    (nn.Conv2d, 2), (nn.ConvTranspose2d, 2), (nn.BatchNorm2d, 2), (OnlineNorm2d, 2),
+    (nn.Conv3d, 3), (nn.ConvTranspose3d, 3), (nn.BatchNorm3d, 3), (OnlineNorm3d, 3),
+)  # fmt: skip
+
+
+def _neighbour_rank(model: nn.Module, module: nn.Module) -> tuple[int, str] | None:
+    """The rank of the nearest layer before ``module`` (else after it) in definition order whose rank is known."""
+    ordered = list(model.named_modules())
+    index = next(i for i, (_, m) in enumerate(ordered) if m is module)
+    for name, other in [*reversed(ordered[:index]), *ordered[index + 1 :]]:
+        rank = next((r for cls, r in _RANK_OF if type(other) is cls), None)
+        if rank is not None:
+            return rank, name
+    return None
+
+
+def _observed_ranks(model: nn.Module, candidates: list[nn.Module], example_shapes: Sequence[Sequence[int]] | None) -> dict[nn.Module, int]:
+    """Spatial rank of the input each dimension-less candidate sees on random example inputs ({} if none needed or given)."""
+    unknown = [m for m in candidates if (c := find_converter(m)) is not None and c.dim is None]
+    if not unknown or not example_shapes:
+        return {}
+    ranks: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        ranks.setdefault(module, args[0].ndim - 2)
+
+    handles = [m.register_forward_pre_hook(record) for m in unknown]
+    try:
+        with _eval_mode(model):
+            run_model(model, random_inputs(example_shapes))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m: max(rank, 1) for m, rank in ranks.items() if rank <= 3}
+
+
+# --- checking helpers ---------------------------------------------------------------------------
+
+
+class _eval_mode:
+    """Context manager: ``module.eval()`` inside, every submodule's training flag restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        return self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+class _ecm_off:
+    """Context manager: every OnlineNorm under ``module`` with ``ecm="none"`` inside, restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, OnlineNormBase)]
+
+    def __enter__(self) -> None:
+        self.ecms = [m.ecm for m in self.layers]
+        for layer in self.layers:
+            layer.ecm = "none"
+
+    def __exit__(self, *exc: object) -> None:
+        for layer, ecm in zip(self.layers, self.ecms):
+            layer.ecm = ecm
+
+
+def _flat_outputs(output: Any, which: str) -> list[Tensor]:
+    tensors = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, Tensor)]
+    if not tensors:
+        raise VerificationError(f"the {which} model returned no tensor to compare")
+    for index, tensor in enumerate(tensors):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise VerificationError(f"output {index} of the {which} model contains NaN or Inf on the example input; nothing to verify")
+    return tensors
+
+
+def _paired(reference: list[Tensor], other: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    if len(reference) != len(other) or any(a.shape != b.shape for a, b in zip(reference, other)):
+        shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in other]
+        raise VerificationError(f"the converted model's outputs {shapes[1]} differ in structure from the original's {shapes[0]}")
+    return list(zip(reference, other))
+
+
+def _max_abs_diff(a: Tensor, b: Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
