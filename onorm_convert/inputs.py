@@ -1,11 +1,13 @@
-"""Example inputs: parsing ``--input-shape``, seeded random batches, and running a model on them."""
+"""Example inputs: parsing ``--input-shape``, seeded random batches, ``--inputs`` files, and running a model on them."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -61,3 +63,58 @@ def run_model(model: nn.Module, inputs: Sequence[Tensor]) -> Any:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def load_input_file(path: Path) -> list[Tensor]:
+    """The arrays of an ``--inputs`` file, in order, as tensors (never unpickling).
+
+    ``.npy``: one array; ``.npz``: its arrays in stored order; anything else: a tensor, or a
+    list/tuple/dict of tensors saved with ``torch.save``, read with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"--inputs {path}: no such file; give a .npy, .npz or torch.save'd tensor file")
+    try:
+        if path.suffix == ".npy":
+            arrays = [np.load(path, allow_pickle=False)]
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = [archive[name] for name in archive.files]
+        else:
+            arrays = _tensors_in(torch.load(path, map_location="cpu", weights_only=True), path)
+    except BadInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable or unsafe content is bad input
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"--inputs {path}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict") from err
+    return [torch.as_tensor(array) for array in arrays]
+
+
+def _tensors_in(obj: Any, path: Path) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    values = list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else None
+    if not values or not all(isinstance(value, Tensor) for value in values):
+        raise BadInputError(f"--inputs {path}: holds {type(obj).__name__}, not a tensor or a list/tuple/dict of tensors")
+    return values
+
+
+def fit_inputs(tensors: Sequence[Tensor], shapes: Sequence[Sequence[int]], source: str) -> list[Tensor]:
+    """Check real inputs against the declared input shapes (any batch size); floats become float32.
+
+    Raises BadInputError naming ``source`` when the count, a rank, a non-batch dimension or
+    a value (NaN/Inf) does not fit.
+    """
+    if len(tensors) != len(shapes):
+        raise BadInputError(f"{source}: holds {len(tensors)} arrays but the model takes {len(shapes)} inputs; give one array per input")
+    fitted = []
+    for index, (tensor, shape) in enumerate(zip(tensors, shapes)):
+        expected = "(N, " + ", ".join(map(str, shape[1:])) + ")" if len(shape) > 1 else "(N,)"
+        if tensor.ndim != len(shape) or tuple(tensor.shape[1:]) != tuple(shape[1:]) or tensor.shape[0] == 0:
+            raise BadInputError(f"{source}: input {index} has shape {tuple(tensor.shape)}, expected {expected}; save arrays of that shape")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+            if not torch.isfinite(tensor).all():
+                raise BadInputError(f"{source}: input {index} contains NaN or Inf; give finite inputs")
+        fitted.append(tensor)
+    return fitted

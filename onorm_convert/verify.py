@@ -1,0 +1,244 @@
+"""Proving an exported model computes what the PyTorch model computes.
+
+Both are run on the same batches (seeded random ones of the declared shapes, batch 1 and
+a larger one, and real inputs when given); every output is compared element by element,
+Polygraphy-style: it passes when ``|candidate - reference| <= atol + rtol * |reference|``
+everywhere and both are finite. A NaN never "matches" a NaN.
+
+The clamp audit measures what stripping OnlineNorm's activation clamp changes on real
+inputs: per layer, the fraction of activations the clamp cuts and by how much.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .fold import strip_clamps
+from .inputs import random_inputs, run_model
+from .layers import OnlineNormBase
+from .layers.functional import CLAMP
+
+Outputs = list[tuple[str, np.ndarray]]  # (label, value) per output, in flattening order
+Tolerance = float | Mapping[str, float]  # one for all outputs, or per output label (with "*" as the default)
+
+
+def flatten_outputs(output: Any, label: str = "output") -> Outputs:
+    """The tensors of a (nested) tuple/list/dict output, labelled by their path, in pytree order."""
+    if isinstance(output, Tensor):
+        return [(label, output.detach().cpu().numpy())]
+    if isinstance(output, (tuple, list)):
+        return [item for index, value in enumerate(output) for item in flatten_outputs(value, f"{label}[{index}]")]
+    if isinstance(output, Mapping):
+        return [item for key, value in output.items() for item in flatten_outputs(value, f"{label}[{key!r}]")]
+    return []  # constants (None, numbers) are not graph outputs
+
+
+def tolerance_for(label: str, tolerance: Tolerance) -> float:
+    """The tolerance that applies to output ``label``."""
+    if isinstance(tolerance, Mapping):
+        return float(tolerance.get(label, tolerance["*"]))
+    return float(tolerance)
+
+
+@dataclass
+class OutputCheck:
+    """One output on one batch: the errors and the verdict."""
+
+    batch: str  # which input set, e.g. "random batch 1"
+    output: str  # the output's label, e.g. "output[0]"
+    shape: tuple[int, ...]
+    max_abs: float  # max |candidate - reference|
+    max_rel: float  # max |candidate - reference| / |reference| over elements where reference != 0
+    atol: float
+    rtol: float
+    passed: bool
+    problem: str = ""  # why it failed, when it did
+
+
+@dataclass
+class VerifyReport:
+    """All checks of one verification."""
+
+    runtime: str  # what ran the exported model, e.g. "onnxruntime 1.18 (CPU)"
+    checks: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when there were checks and all passed."""
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    def failures(self) -> list[OutputCheck]:
+        """The checks that failed."""
+        return [check for check in self.checks if not check.passed]
+
+    def summary(self) -> str:
+        """One line: the verdict and the worst errors."""
+        worst_abs = max((c.max_abs for c in self.checks), default=float("nan"))
+        worst_rel = max((c.max_rel for c in self.checks), default=float("nan"))
+        verdict = "verified" if self.passed else f"MISMATCH in {len(self.failures())} of {len(self.checks)} checks"
+        return f"{verdict} with {self.runtime}: max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"passed": self.passed, "runtime": self.runtime, "checks": [asdict(check) for check in self.checks]}
+
+
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> tuple[float, float, bool, str]:
+    """Compare one output; returns ``(max_abs, max_rel, passed, problem)``.
+
+    Passes when shapes are equal, both are finite everywhere and
+    ``|candidate - reference| <= atol + rtol * |reference|`` element-wise.
+    """
+    if reference.shape != candidate.shape:
+        return float("inf"), float("inf"), False, f"shape {candidate.shape} differs from the PyTorch shape {reference.shape}"
+    for who, values in (("PyTorch", reference), ("exported", candidate)):
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            count = int((~np.isfinite(values)).sum())
+            return float("nan"), float("nan"), False, f"the {who} output has {count} non-finite (NaN/Inf) values"
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    diff = np.abs(cand - ref)
+    magnitude = np.abs(ref)
+    max_abs = float(diff.max(initial=0.0))
+    nonzero = magnitude > 0
+    max_rel = float((diff[nonzero] / magnitude[nonzero]).max(initial=0.0))
+    within = bool((diff <= atol + rtol * magnitude).all())
+    return max_abs, max_rel, within, "" if within else f"outside atol={atol:g} + rtol={rtol:g} * |reference|"
+
+
+def compare_outputs(batch: str, reference: Outputs, candidate: Sequence[np.ndarray], atol: Tolerance, rtol: Tolerance) -> list[OutputCheck]:
+    """One :class:`OutputCheck` per output of ``reference`` (a count mismatch fails every check)."""
+    if len(candidate) != len(reference):
+        problem = f"the exported model has {len(candidate)} outputs, PyTorch {len(reference)}"
+        return [OutputCheck(batch, label, tuple(ref.shape), float("inf"), float("inf"), tolerance_for(label, atol), tolerance_for(label, rtol), False, problem) for label, ref in reference]
+    checks = []
+    for (label, ref), cand in zip(reference, candidate):
+        a, r = tolerance_for(label, atol), tolerance_for(label, rtol)
+        max_abs, max_rel, passed, problem = compare_arrays(ref, np.asarray(cand), a, r)
+        checks.append(OutputCheck(batch, label, tuple(ref.shape), max_abs, max_rel, a, r, passed, problem))
+    return checks
+
+
+def verification_batches(
+    shapes: Sequence[Sequence[int]], *, dynamic_batch: bool = True, real_inputs: Sequence[Tensor] | None = None, seed: int = 0
+) -> list[tuple[str, list[Tensor]]]:
+    """Labelled input sets: seeded random batches (1 and a larger one when the batch is dynamic), then real inputs."""
+    declared = shapes[0][0] if shapes and shapes[0] else 1
+    sizes = sorted({1, max(declared, 2)}) if dynamic_batch else [declared]
+    batches = [(f"random batch {size}", random_inputs(shapes, batch=size, seed=seed + size)) for size in sizes]
+    if real_inputs is not None:
+        batches.append((f"real inputs (batch {real_inputs[0].shape[0]})", list(real_inputs)))
+    return batches
+
+
+def onnxruntime_runner(path: Path) -> tuple[Callable[[Sequence[Tensor]], list[np.ndarray]], str]:
+    """A function running the ONNX file at ``path`` on onnxruntime's CPU provider, and its description."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [node.name for node in session.get_inputs()]
+
+    def run(inputs: Sequence[Tensor]) -> list[np.ndarray]:
+        return session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)})
+
+    return run, f"onnxruntime {onnxruntime.__version__} (CPU)"
+
+
+def verify_outputs(
+    reference: nn.Module,
+    run_candidate: Callable[[Sequence[Tensor]], list[np.ndarray]],
+    runtime: str,
+    batches: Sequence[tuple[str, Sequence[Tensor]]],
+    *,
+    atol: Tolerance = 1e-4,
+    rtol: Tolerance = 1e-3,
+) -> VerifyReport:
+    """Compare ``run_candidate`` with ``reference`` (an eval-mode module) on every batch."""
+    report = VerifyReport(runtime)
+    for label, inputs in batches:
+        expected = flatten_outputs(run_model(reference, inputs))
+        try:
+            actual = run_candidate(inputs)
+        except Exception as err:  # noqa: BLE001 - the runtime rejecting the file is a failed verification
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            report.checks.append(OutputCheck(label, "<all>", (), float("inf"), float("inf"), float("nan"), float("nan"), False, f"{runtime} failed: {detail}"))
+            continue
+        report.checks.extend(compare_outputs(label, expected, actual, atol, rtol))
+    return report
+
+
+def verify_onnx(
+    path: Path,
+    reference: nn.Module,
+    batches: Sequence[tuple[str, Sequence[Tensor]]],
+    *,
+    atol: Tolerance = 1e-4,
+    rtol: Tolerance = 1e-3,
+) -> VerifyReport:
+    """Compare the ONNX file at ``path``, run by onnxruntime (CPU), with ``reference`` in eval mode."""
+    run, runtime = onnxruntime_runner(path)
+    return verify_outputs(reference, run, runtime, batches, atol=atol, rtol=rtol)
+
+
+@dataclass
+class ClampAudit:
+    """What one OnlineNorm's clamp does on real inputs."""
+
+    layer: str
+    clamp_value: float
+    activations: int  # values seen
+    clipped: int  # values beyond ±clamp_value, which the clamp cuts
+    fraction: float  # clipped / activations
+    max_change: float  # largest |z| - clamp_value: the largest change of this layer's output by stripping
+
+
+@dataclass
+class ClampAuditReport:
+    """Per layer audits, and the largest change of the model's outputs when every clamp is stripped."""
+
+    layers: list[ClampAudit]
+    max_output_change: float
+
+    @property
+    def clean(self) -> bool:
+        """True when stripping changes nothing on these inputs."""
+        return self.max_output_change == 0.0 and all(audit.clipped == 0 for audit in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"clean": self.clean, "max_output_change": self.max_output_change, "layers": [asdict(a) for a in self.layers]}
+
+
+def clamp_audit(model: nn.Module, inputs: Sequence[Tensor]) -> ClampAuditReport:
+    """Measure, on ``inputs``, what stripping every OnlineNorm clamp of ``model`` (eval mode) changes."""
+    clamped = copy.deepcopy(model).eval()
+    audits: dict[str, ClampAudit] = {}
+
+    def audit_layer(name: str, layer: OnlineNormBase) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            excess = module.frozen_forward(args[0], None).abs() - layer.clamp_value
+            audit = audits.setdefault(name, ClampAudit(name, layer.clamp_value, 0, 0, 0.0, 0.0))
+            audit.activations += excess.numel()
+            audit.clipped += int((excess > 0).sum())
+            audit.fraction = audit.clipped / max(audit.activations, 1)
+            audit.max_change = max(audit.max_change, float(excess.max().clamp(min=0)))
+
+        return hook
+
+    layers = [(n, m) for n, m in clamped.named_modules() if isinstance(m, OnlineNormBase) and m.ecm == CLAMP]
+    handles = [layer.register_forward_hook(audit_layer(name, layer)) for name, layer in layers]
+    try:
+        with_clamp = flatten_outputs(run_model(clamped, inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    without_clamp = flatten_outputs(run_model(strip_clamps(clamped), inputs))
+    change = max((float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) for (_, a), (_, b) in zip(with_clamp, without_clamp)), default=0.0)
+    return ClampAuditReport([audits.get(n, ClampAudit(n, m.clamp_value, 0, 0, 0.0, 0.0)) for n, m in layers], change)
