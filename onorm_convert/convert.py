@@ -139,6 +139,7 @@ def convert_with_report(
     """
     options = ConvertOptions(normalize_ecm(ecm), float(clamp_value), float(alpha_fwd), float(alpha_bkw))
     _check_options(options)
+    _refuse_lazy(model)  # before copying: uninitialized parameters cannot be deep-copied
     if not inplace:
         model = copy.deepcopy(model)
     changes = plan_conversion(model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes)
@@ -173,6 +174,7 @@ def plan_conversion(
     example_shapes: Sequence[Sequence[int]] | None = None,
 ) -> list[LayerChange]:
     """What :func:`convert_with_report` would do to each normalization layer of ``model``, changing nothing."""
+    _refuse_lazy(model)
     names = _all_names(model)
     candidates = [m for m in names if isinstance(m, OnlineNormBase) or _is_normalization(m)]
     observed = _observed_ranks(model, candidates, example_shapes)
@@ -325,6 +327,14 @@ def _check_options(options: ConvertOptions) -> None:
         raise BadInputError(f"--clamp-value {options.clamp_value}: must be positive, e.g. 5")
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if _is_normalization(module) and isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise BadInputError(
+                f"'{name or '<model>'}' is an uninitialized lazy BatchNorm; run one forward pass (or load trained weights) before converting"
+            )
+
+
 def _all_names(model: nn.Module) -> dict[nn.Module, list[str]]:
     """Every module of ``model`` with all its qualified names, in definition order."""
     names: dict[nn.Module, list[str]] = {}
@@ -362,10 +372,6 @@ def _reason_to_skip(
     """Why ``module`` is not converted ("" if it is); BadInputError for what cannot be converted at all."""
     if isinstance(module, OnlineNormBase):
         return "already OnlineNorm"
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-        raise BadInputError(
-            f"'{names[0]}' is an uninitialized lazy BatchNorm; run one forward pass (or load trained weights) before converting"
-        )
     if converter is None:
         return f"no converter for {type(module).__name__} (register one with onorm_convert.convert.register_converter)"
     if converter.on_request and not frozen_bn:
