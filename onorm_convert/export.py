@@ -15,6 +15,7 @@ import copy
 import io
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -117,12 +118,16 @@ def dynamic_batch_shapes(example_inputs: Sequence[Tensor]) -> tuple[dict[int, An
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's informational log lines (e.g. optional torchvision ops), which are not onorm's output."""
+    """Silence the exporter's own log lines and deprecation notices (e.g. optional torchvision ops): not onorm's output."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*The axis name: .* will not be used")  # inputs sharing "batch"
+            yield
     finally:
         logger.setLevel(level)
 
@@ -319,7 +324,7 @@ def _save_torch_program(model: nn.Module, example_inputs: Sequence[Tensor], path
     dynamic_shapes = dynamic_batch_shapes(example_inputs) if dynamic_batch else None
     try:
         # As torch.onnx.export does: a batch of 1 in the example must not specialize the batch dim.
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with _quiet_exporter(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
         hint = "; if the model fixes its batch size, retry with --static-batch" if dynamic_batch else ""

@@ -1,0 +1,141 @@
+"""``onorm export``: fold, (optionally) strip the clamp, export to ONNX, and prove the outputs match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
+from ..export import ONNX, TORCH, ExportMismatchError, ExportReport, check_opset, export_onnx, export_torch
+from ..files import check_output_path
+from ..inputs import fit_inputs, load_input_file, random_inputs
+from .app import Console, app, run_command
+from .convert_cmd import format_table
+from .options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DebugOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArg,
+    OutputOpt,
+    TrustOpt,
+    load_for_cli,
+    parse_input_shapes,
+)
+
+SUFFIXES = {ONNX: ".onnx", TORCH: ".pt2"}
+FOLD_COLUMNS = ("layer", "type", "action", "into", "error compensation", "why not folded")
+CHECK_COLUMNS = ("batch", "output", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
+AUDIT_COLUMNS = ("layer", "clamp", "activations cut", "fraction", "largest change")
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    output: OutputOpt = None,
+    strip_clamp: Annotated[bool, typer.Option("--strip-clamp", help="Remove OnlineNorm's activation clamp for inference.")] = False,
+    input_shape: InputShapeOpt = None,
+    inputs: Annotated[
+        Optional[Path],
+        typer.Option("--inputs", help="Real inputs to verify on (.npy, .npz, or a torch.save'd tensor/list/dict).", show_default=False),
+    ] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (18-23); the exporter's default if not given.", show_default=False)] = None,
+    static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch size to the one in --input-shape.")] = False,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance of the verification.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of the verification.")] = 1e-3,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime check (not recommended).")] = False,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep a file that failed verification as NAME.verification-failed.EXT.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="onnx, or torch for a torch.export program (.pt2).")] = ONNX,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fold the normalization layers and export a model whose outputs are proven to match PyTorch's."""
+
+    def body(console: Console) -> tuple[int, dict[str, Any]]:
+        check_format(fmt)
+        check_opset(opset)
+        check_tolerances(atol, rtol)
+        shapes = parse_input_shapes(input_shape)
+        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        shapes = shapes or loaded.input_shapes
+        if not shapes:
+            raise BadInputError(f"{model}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224")
+        destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), [model], force)
+        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {inputs}")
+        options = dict(
+            strip_clamp=strip_clamp, dynamic_batch=not static_batch, verify=not no_verify, atol=atol, rtol=rtol,
+            real_inputs=real, keep_failed=keep_failed, progress=console.progress,
+        )  # fmt: skip
+        header = {"input": str(model), "input_format": loaded.format, "output": str(destination)}
+        try:
+            if fmt == ONNX:
+                report = export_onnx(loaded.module, destination, random_inputs(shapes), opset=opset, **options)
+            else:
+                report = export_torch(loaded.module, destination, random_inputs(shapes), **options)
+        except ExportMismatchError as err:
+            show_report(console, err.report)
+            typer.echo(f"onorm export: error: {err}", err=True)
+            result = {**header, **err.report.to_dict(), "error": {"type": type(err).__name__, "message": str(err)}}
+            return EXIT_MISMATCH, result
+        show_report(console, report)
+        verdict = "verified" if report.verification is not None else "NOT verified"
+        console.print(f"exported ({verdict}) -> {destination}")
+        return EXIT_OK, {**header, **report.to_dict()}
+
+    run_command("export", json_mode, debug, body)
+
+
+def check_format(fmt: str) -> None:
+    """Refuse an unknown ``--format``."""
+    if fmt not in SUFFIXES:
+        raise BadInputError(f"--format {fmt!r}: expected {' or '.join(SUFFIXES)}")
+
+
+def check_tolerances(atol: float, rtol: float) -> None:
+    """Refuse negative or non-finite tolerances."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if not 0 <= value < float("inf"):
+            raise BadInputError(f"{flag} {value}: must be a finite number >= 0, e.g. {flag} 1e-4")
+
+
+def show_report(console: Console, report: ExportReport) -> None:
+    """The fold table, the verification figures, the clamp audit and every warning."""
+    steps = report.fold.steps
+    rows = [(s.norm, s.kind, s.action, s.into or "-", s.ecm, s.reason or "-") for s in steps]
+    for line in format_table(FOLD_COLUMNS, rows):
+        console.print(line)
+    folded = report.fold.count("folded")
+    console.print(f"folded {folded} of {len(steps)} normalization layers into their producers")
+    if report.op_counts:
+        console.print("ONNX ops: " + ", ".join(f"{op} {count}" for op, count in report.op_counts.items()))
+    if report.verification is not None:
+        checks = report.verification.checks
+        rows = [
+            (c.batch, c.output, "x".join(map(str, c.shape)), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.atol:g}", f"{c.rtol:g}",
+             "ok" if c.passed else f"FAIL: {c.problem}")
+            for c in checks
+        ]  # fmt: skip
+        console.print()
+        for line in format_table(CHECK_COLUMNS, rows):
+            console.print(line)
+        console.print(report.verification.summary())
+    if report.clamp_audit is not None and not report.clamp_audit.layers:
+        console.print("clamp audit: the model has no clamped OnlineNorm layer")
+    elif report.clamp_audit is not None:
+        rows = [(a.layer, f"±{a.clamp_value:g}", f"{a.clipped}/{a.activations}", f"{a.fraction:.4%}", f"{a.max_change:.3g}") for a in report.clamp_audit.layers]
+        console.print()
+        for line in format_table(AUDIT_COLUMNS, rows):
+            console.print(line)
+        console.print(f"clamp audit: stripping changes the outputs on the real inputs by at most {report.clamp_audit.max_output_change:.3g}")
+    for warning in report.warnings:
+        console.warn(warning)
