@@ -132,8 +132,17 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     A state dict saved from ``nn.DataParallel`` (every key prefixed ``module.``) is accepted.
     """
     state_dict = _strip_data_parallel_prefix(module, state_dict)
+    expected = module.state_dict().keys()
+    # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
+    missing = [name for name in expected if name not in state_dict and not name.endswith("num_batches_tracked")]
+    unexpected = [name for name in state_dict if name not in expected]
+    problems = [f"{label} {_names(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if problems:
+        raise BadInputError(
+            f"{source}: the weights do not match the model built by --arch: {'; '.join(problems)}; check --arch and --arch-kwargs"
+        )
     try:
-        result = module.load_state_dict(state_dict, strict=False)
+        module.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # torch reports shape mismatches as one line per tensor
         mismatches = _SIZE_MISMATCH.findall(str(err))
         if not mismatches:
@@ -143,11 +152,6 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
             f"{source}: the weights do not fit the model built by --arch: shapes differ for {_names([m[0] for m in mismatches])} "
             f"(e.g. {name!r}: {list(_dims(in_file))} in the file, {list(_dims(in_model))} in the model); check --arch and --arch-kwargs"
         ) from err
-    problems = [f"{label} {_names(keys)}" for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
-    if problems:
-        raise BadInputError(
-            f"{source}: the weights do not match the model built by --arch: {'; '.join(problems)}; check --arch and --arch-kwargs"
-        )
 
 
 def _check_readable(path: Path) -> None:

@@ -1,0 +1,56 @@
+"""``onorm inspect``: the normalization layers of a model, what convert would change and what export could fold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..convert import plan_conversion
+from ..errors import EXIT_OK
+from ..fold import fold_with_report
+from ..inputs import random_inputs
+from .app import Console, app, run_command
+from .convert_cmd import format_table
+from .options import ArchKwargsOpt, ArchOpt, DebugOpt, InputShapeOpt, JsonOpt, KeyOpt, ModelArg, TrustOpt, load_for_cli, parse_input_shapes
+
+TABLE_COLUMNS = ("module", "type", "channels", "convert", "export")
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = False,
+    input_shape: InputShapeOpt = None,
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the normalization layers, what convert would change and what export could fold. Writes nothing."""
+
+    def body(console: Console) -> tuple[int, dict[str, Any]]:
+        shapes = parse_input_shapes(input_shape)
+        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        shapes = shapes or loaded.input_shapes
+        changes = plan_conversion(loaded.module, example_shapes=shapes or None)
+        _, fold_report = fold_with_report(loaded.module, example_inputs=random_inputs(shapes) if shapes else None)
+        folds = {step.norm: step for step in fold_report.steps}
+        layers = []
+        for change in changes:
+            step = folds.get(change.name)
+            export = "-" if step is None else (f"fold into '{step.into}'" if step.into else f"{step.action}: {step.reason}")
+            layers.append({**change.to_dict(), "export": export})
+        report = {
+            "input": str(model), "input_format": loaded.format, "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs,
+            "input_shapes": [list(s) for s in shapes], "info": loaded.info, "layers": layers,
+            "parameters": sum(p.numel() for p in loaded.module.parameters()),
+        }  # fmt: skip
+        console.print(f"{model}: {loaded.format}" + (f" built by {loaded.arch}" if loaded.arch else "") + f", {report['parameters']} parameters")
+        rows = [(layer["name"], layer["old_type"], str(layer["channels"]), f"-> {layer['new_type']}" if layer["new_type"] else f"keep ({layer['note']})", layer["export"]) for layer in layers]
+        for line in format_table(TABLE_COLUMNS, rows):
+            console.print(line)
+        if not layers:
+            console.print("no normalization layers")
+        return EXIT_OK, report
+
+    run_command("inspect", json_mode, debug, body)
