@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import BadInputError
+from .inputs import run_model
 from .layers import OnlineNormBase
 from .layers.functional import CLAMP, LAYER_SCALING, frozen_affine, layer_scale
 
@@ -225,7 +226,7 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 
 def _producer_or_reason(
-    node: fx.Node, modules: dict[str, nn.Module], calls: Counter, shared: set[int], ranks: dict[fx.Node, int]
+    node: fx.Node, modules: dict[str, nn.Module], calls: Counter, shared: set[int], ranks: dict[str, int]
 ) -> tuple[fx.Node | None, str]:
     """The node of the module ``node``'s norm can fold into, or None and why not."""
     norm = modules[node.target]
@@ -249,28 +250,41 @@ def _producer_or_reason(
         return None, f"'{src.target}' has {output_channels(producer)} outputs, the layer {norm.num_features} channels"
     if id(producer.weight) in shared:
         return None, f"the weight of '{src.target}' is shared with another layer"
-    if isinstance(producer, nn.Linear) and ranks.get(src, 2) != 2:
-        return None, f"'{src.target}' outputs rank {ranks[src]}: its feature axis is not the layer's channel axis"
+    if isinstance(producer, nn.Linear) and ranks.get(src.target, 2) != 2:
+        return None, f"'{src.target}' outputs rank {ranks[src.target]}: its feature axis is not the layer's channel axis"
     return src, ""
 
 
-def _ranks(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | None) -> dict[fx.Node, int]:
-    """Output rank of every tensor-valued node, from one run on ``example_inputs`` ({} without inputs)."""
-    if example_inputs is None:
+def _linear_output_ranks(gm: fx.GraphModule, example_inputs: Sequence[Tensor] | None) -> dict[str, int]:
+    """Output rank of each Linear module feeding a normalization layer, from one run ({} without inputs or such Linears)."""
+    modules = dict(gm.named_modules())
+    linears = {
+        node.args[0].target
+        for node in gm.graph.nodes
+        if node.op == "call_module" and isinstance(modules[node.target], NORM_TYPES) and node.args
+        and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module"
+        and isinstance(modules[node.args[0].target], nn.Linear)
+    }  # fmt: skip
+    if example_inputs is None or not linears:
         return {}
-    from torch.fx.passes.shape_prop import ShapeProp
+    ranks: dict[str, int] = {}
 
+    def record(name: str):
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:  # returns None: the output is unchanged
+            ranks[name] = output.ndim
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(record(name)) for name in linears]
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as err:  # noqa: BLE001 - the inputs do not fit the model
-        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs)
-        raise BadInputError(f"the model rejects example inputs of shape {shapes}: {err}") from err
-    meta = {node: node.meta.get("tensor_meta") for node in gm.graph.nodes}
-    return {node: len(m.shape) for node, m in meta.items() if hasattr(m, "shape")}
+        run_model(gm, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranks
 
 
-def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[fx.Node, int]) -> list[FoldStep]:
+def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[str, int]) -> list[FoldStep]:
     """Fold every normalization node of ``gm`` (in place); one step per layer."""
     modules = dict(gm.named_modules())
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
@@ -346,7 +360,7 @@ def fold_with_report(
         steps, folded = _fold_standalone(copied, strip_clamp, reason)
         return folded.eval(), FoldReport(strip_clamp, False, reason, steps)
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
-    steps = _fold_graph(gm, strip_clamp, _ranks(gm, example_inputs))
+    steps = _fold_graph(gm, strip_clamp, _linear_output_ranks(gm, example_inputs))
     return gm.eval(), FoldReport(strip_clamp, True, None, steps)
 
 
