@@ -179,3 +179,16 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-5)
     for name in ("running_mean", "running_var", "u_ctrl", "v_ctrl"):
         torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ecm", ["clamp", "layer_scaling", "none"])
+def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    grads = []
+    for inplace in (False, True):
+        layer = OnlineNorm2d(3, ecm=ecm, alpha_fwd=0.9).double()
+        x_in = x.clone().requires_grad_(True)
+        nn.ReLU(inplace=inplace)(layer(x_in)).sum().backward()
+        grads.append(x_in.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)

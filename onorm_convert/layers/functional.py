@@ -76,7 +76,9 @@ class OnlineNormFunction(torch.autograd.Function):
         ctx.state, ctx.alpha_bkw = state, alpha_bkw
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return z.reshape(x.shape).to(x.dtype)
+        # detach(): the same memory without the view relation autograd forbids for a Function's
+        # output that a following ReLU(inplace=True) modifies.
+        return z.reshape(x.shape).detach().to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
