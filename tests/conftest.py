@@ -25,6 +25,15 @@ def eager_kernels():
         yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads cost more than they bring (and other tests share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_of(layer, dtype=torch.float64) -> ReferenceOnlineNorm:
     """A per-sample reference computing in ``dtype``, holding a copy of ``layer``'s state, parameters and settings."""
 

@@ -18,7 +18,7 @@ from conftest import assert_matches, layer_step, reference_of, reference_step
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS
 
-pytestmark = pytest.mark.usefixtures("eager_kernels")
+pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 FLOAT32_RTOL = 1e-5

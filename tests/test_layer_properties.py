@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.usefixtures("eager_kernels")
+pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
 
 from conftest import assert_matches, assert_no_worse_than_loop, layer_step, reference_of, reference_step
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
