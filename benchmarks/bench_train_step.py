@@ -1,0 +1,187 @@
+"""Train-step time of a converted model against its BatchNorm original, as a ratio in one process.
+
+One train step = forward, cross-entropy loss, backward, SGD step. CPU, float32, 2 threads,
+batch 16 at 112x112; both models start from the same weights and see the same input, and
+their steps are interleaved so that machine load hits both alike; median of ``--repeats``.
+The models are defined here (torchvision is not a dependency): a torchvision-style
+ResNet-18 and MobileNetV2. The converted model is ``onorm_convert.convert(model, ecm="clamp")``.
+
+    python benchmarks/bench_train_step.py [--repeats 7] [--quick] [--json PATH]
+
+Targets (issue 5): ResNet-18 <= 1.10x, MobileNetV2 <= 1.30x BatchNorm's train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import RESULTS_DIR, environment, interleaved_medians, write_json
+from onorm_convert import convert
+
+TARGETS = {"resnet18": 1.10, "mobilenet_v2": 1.30}
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm, identity or 1x1-conv shortcut."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:
+    """torchvision's ResNet-18 layout: 7x7 stem, max-pool, four stages of two basic blocks."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    in_channels = width
+    for stage, stride in enumerate((1, 2, 2, 2)):
+        channels = width * 2**stage
+        layers += [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
+        in_channels = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int, stride: int, groups: int = 1) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm + ReLU6, "same" padding."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection; residual when shapes match."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_channels * expansion
+        layers: list[nn.Module] = [] if expansion == 1 else [conv_bn_relu6(in_channels, hidden, 1, 1)]
+        layers += [
+            conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+# (expansion, output channels, repeats, first stride): torchvision's MobileNetV2 table at width 1.0.
+MOBILENET_V2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+def mobilenet_v2(num_classes: int = 1000, width_divisor: int = 1) -> nn.Module:
+    """torchvision's MobileNetV2 layout (``width_divisor`` > 1 shrinks every width, for quick runs)."""
+    in_channels = 32 // width_divisor
+    layers: list[nn.Module] = [conv_bn_relu6(3, in_channels, 3, 2)]
+    for expansion, channels, repeats, stride in MOBILENET_V2_STAGES:
+        channels = max(channels // width_divisor, 1)
+        for index in range(repeats):
+            layers.append(InvertedResidual(in_channels, channels, stride if index == 0 else 1, expansion))
+            in_channels = channels
+    last = 1280 // width_divisor
+    layers += [conv_bn_relu6(in_channels, last, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [nn.Dropout(0.2), nn.Linear(last, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    """A closure running one train step of ``model`` on the fixed batch: forward, loss, backward, SGD."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def compare_train_steps(
+    build: Callable[[], nn.Module], batch: int, size: int, repeats: int, num_classes: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Median train-step seconds of ``build()`` with BatchNorm and converted to OnlineNorm (clamp).
+
+    Returns ``{"batchnorm_ms", "online_ms", "ratio"}``; both models start from the same
+    weights and train on the same seeded batch.
+    """
+    torch.manual_seed(seed)
+    original = build()
+    converted = convert(copy.deepcopy(original), ecm="clamp")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 3, size, size, generator=generator)
+    targets = torch.randint(0, num_classes, (batch,), generator=generator)
+    medians = interleaved_medians(
+        {"batchnorm": sgd_train_step(original, inputs, targets), "online": sgd_train_step(converted, inputs, targets)},
+        repeats,
+    )
+    return {
+        "batchnorm_ms": medians["batchnorm"] * 1e3,
+        "online_ms": medians["online"] * 1e3,
+        "ratio": medians["online"] / medians["batchnorm"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median taken)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=112, help="input height and width")
+    parser.add_argument("--quick", action="store_true", help="narrow models at 32x32, to check the harness runs")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench_train_step.json", help="where to write the figures")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = 32 if args.quick else args.size
+    models = {
+        "resnet18": (lambda: resnet18(width=8)) if args.quick else resnet18,
+        "mobilenet_v2": (lambda: mobilenet_v2(width_divisor=8)) if args.quick else mobilenet_v2,
+    }
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {size}x{size}, "
+          f"median of {args.repeats} interleaved train steps")  # fmt: skip
+    print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}")
+    rows = {}
+    for name, build in models.items():
+        row = compare_train_steps(build, args.batch, size, args.repeats)
+        row["target"] = TARGETS[name]
+        row["meets_target"] = row["ratio"] <= row["target"]
+        rows[name] = row
+        print(f"{name:>13} {row['batchnorm_ms']:13.1f} {row['online_ms']:14.1f} {row['ratio']:6.2f}x {row['target']:6.2f}x"
+              f"  {'ok' if row['meets_target'] else 'MISSED'}")  # fmt: skip
+    settings = {"batch": args.batch, "size": size, "repeats": args.repeats, "quick": args.quick, "ecm": "clamp"}
+    write_json(args.json, {"environment": environment(), "settings": settings, "models": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
