@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -n 2 -q
 
+DEMO := build/demo
+ONORM := $(VENV)/bin/onorm
+
+# The main job on a shipped model: convert a trained BatchNorm ResNet to OnlineNorm, then
+# fold + strip the clamp + export ONNX, verified against PyTorch on the real held-out digits.
 demo: setup
-	$(PY) sample_models/demo.py
+	$(PY) sample_models/test_inputs.py digits_resnet $(DEMO)/digits_test.npy
+	$(ONORM) convert sample_models/digits_resnet.pt --arch sample_models.models:digits_resnet \
+		--input-shape 1,1,8,8 -o $(DEMO)/digits_resnet_onorm.pt --force
+	$(ONORM) export $(DEMO)/digits_resnet_onorm.pt --strip-clamp --inputs $(DEMO)/digits_test.npy \
+		-o $(DEMO)/digits_resnet.onnx --force
 
 bench: setup
 	$(PY) benchmarks/bench_layer.py
