@@ -5,6 +5,8 @@ batch 16 at 112x112; both models start from the same weights and see the same in
 their steps are interleaved so that machine load hits both alike; median of ``--repeats``.
 The models are defined here (torchvision is not a dependency): a torchvision-style
 ResNet-18 and MobileNetV2. The converted model is ``onorm_convert.convert(model, ecm="clamp")``.
+A third copy with the norms replaced by identities is timed alongside, so that what the
+normalization layers themselves cost (step minus norm-free step) is reported too.
 
     python benchmarks/bench_train_step.py [--repeats 7] [--quick] [--json PATH]
 
@@ -125,13 +127,24 @@ def sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     return step
 
 
+def without_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm replaced by ``nn.Identity`` (the cost of everything else)."""
+    stripped = copy.deepcopy(model)
+    for name, module in list(stripped.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent, _, attr = name.rpartition(".")
+            setattr(stripped.get_submodule(parent), attr, nn.Identity())
+    return stripped
+
+
 def compare_train_steps(
     build: Callable[[], nn.Module], batch: int, size: int, repeats: int, num_classes: int = 1000, seed: int = 0
 ) -> dict[str, float]:
-    """Median train-step seconds of ``build()`` with BatchNorm and converted to OnlineNorm (clamp).
+    """Median train-step milliseconds of ``build()`` with BatchNorm, converted to OnlineNorm (clamp), and without norms.
 
-    Returns ``{"batchnorm_ms", "online_ms", "ratio"}``; both models start from the same
-    weights and train on the same seeded batch.
+    All three start from the same weights and train on the same seeded batch. ``ratio`` is
+    OnlineNorm's step over BatchNorm's; subtracting the norm-free step gives what the
+    normalization layers themselves cost in each (``*_layers_ms``, ``layers_ratio``).
     """
     torch.manual_seed(seed)
     original = build()
@@ -139,14 +152,17 @@ def compare_train_steps(
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(batch, 3, size, size, generator=generator)
     targets = torch.randint(0, num_classes, (batch,), generator=generator)
-    medians = interleaved_medians(
-        {"batchnorm": sgd_train_step(original, inputs, targets), "online": sgd_train_step(converted, inputs, targets)},
-        repeats,
-    )
+    models = {"batchnorm": original, "online": converted, "no_norm": without_norms(original)}
+    medians = interleaved_medians({name: sgd_train_step(model, inputs, targets) for name, model in models.items()}, repeats)
+    ms = {name: seconds * 1e3 for name, seconds in medians.items()}
     return {
-        "batchnorm_ms": medians["batchnorm"] * 1e3,
-        "online_ms": medians["online"] * 1e3,
-        "ratio": medians["online"] / medians["batchnorm"],
+        "batchnorm_ms": ms["batchnorm"],
+        "online_ms": ms["online"],
+        "ratio": ms["online"] / ms["batchnorm"],
+        "no_norm_ms": ms["no_norm"],
+        "batchnorm_layers_ms": ms["batchnorm"] - ms["no_norm"],
+        "online_layers_ms": ms["online"] - ms["no_norm"],
+        "layers_ratio": (ms["online"] - ms["no_norm"]) / (ms["batchnorm"] - ms["no_norm"]),
     }
 
 
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {size}x{size}, "
           f"median of {args.repeats} interleaved train steps")  # fmt: skip
-    print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}")
+    print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}      "
+          f"{'no-norm ms':>10} {'BN layers ms':>12} {'ON layers ms':>12} {'layers ratio':>12}")  # fmt: skip
     rows = {}
     for name, build in models.items():
         row = compare_train_steps(build, args.batch, size, args.repeats)
@@ -176,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         row["meets_target"] = row["ratio"] <= row["target"]
         rows[name] = row
         print(f"{name:>13} {row['batchnorm_ms']:13.1f} {row['online_ms']:14.1f} {row['ratio']:6.2f}x {row['target']:6.2f}x"
-              f"  {'ok' if row['meets_target'] else 'MISSED'}")  # fmt: skip
+              f"  {'ok    ' if row['meets_target'] else 'MISSED'}{row['no_norm_ms']:10.1f} {row['batchnorm_layers_ms']:12.1f} "
+              f"{row['online_layers_ms']:12.1f} {row['layers_ratio']:11.2f}x")  # fmt: skip
     settings = {"batch": args.batch, "size": size, "repeats": args.repeats, "quick": args.quick, "ecm": "clamp"}
     write_json(args.json, {"environment": environment(), "settings": settings, "models": rows})
     print(f"wrote {args.json}")

@@ -96,5 +96,17 @@ def test_train_step_benchmark_times_both_models(benchmark):
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
         assert any(isinstance(m, OnlineNormBase) for m in converted.modules())
         row = bench.compare_train_steps(build, batch=2, size=32, repeats=2, num_classes=10)
-        assert row["batchnorm_ms"] > 0 and row["online_ms"] > 0
+        assert row["batchnorm_ms"] > 0 and row["online_ms"] > 0 and row["no_norm_ms"] > 0
         assert row["ratio"] == pytest.approx(row["online_ms"] / row["batchnorm_ms"])
+        assert row["online_layers_ms"] == pytest.approx(row["online_ms"] - row["no_norm_ms"])
+
+
+def test_without_norms_removes_only_the_norms(benchmark):
+    bench = benchmark("bench_train_step")
+    model = bench.resnet18(num_classes=10, width=4)
+    bare = bench.without_norms(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in bare.modules())
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.Identity) for m in bare.modules()) == norms == 20
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20  # the original is untouched
+    assert {n for n, _ in bare.named_parameters()} < {n for n, _ in model.named_parameters()}
