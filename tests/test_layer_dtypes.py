@@ -24,19 +24,6 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 FLOAT32_RTOL = 1e-5
 ACTIVATION_KEYS = ("out", "grad_x")
 ECMS = ("clamp", "layer_scaling", "none")
-# Known layer bugs, reported to the lead; strict, so each test fails loudly once the bug is fixed.
-HALF_SUMS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="layer bug: backward sums grad_out in its half dtype (sum_gz), so grad_bias, grad_weight, "
-    "u_ctrl, v_ctrl carry half-precision rounding (and overflow in float16)",
-)
-UNCENTERED_BACKWARD_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="layer bug: backward forms sum(gz * x) - mean_prev * sum(gz) and x * x_coef + const uncentered; "
-    "where var -> 0 (constant channel) inv_k ~ 316 amplifies the cancellation (float32 errors ~1e-4)",
-)
-
-
 def _layer(cls, channels, ecm="clamp"):
     """A layer with alphas far from 1 (three steps move the state visibly) and random affine parameters."""
     layer = cls(channels, alpha_fwd=0.9, alpha_bkw=0.8, ecm=ecm)
@@ -62,7 +49,6 @@ def _check_half_step(actual, expected, dtype, ecm, context):
 @pytest.mark.parametrize("ecm", ECMS)
 @pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=["bf16", "f16"])
 @pytest.mark.parametrize("cls, shape", [(OnlineNorm1d, (16, 3)), (OnlineNorm2d, (16, 3, 4, 4))], ids=["1d", "2d"])
-@HALF_SUMS_BUG
 def test_half_precision_inputs(cls, shape, dtype, ecm):
     torch.manual_seed(0)
     layer = _layer(cls, shape[1], ecm)
@@ -75,7 +61,6 @@ def test_half_precision_inputs(cls, shape, dtype, ecm):
         _check_half_step(actual, reference_step(reference, x, grad_out), dtype, ecm, f"{dtype} {ecm} step {step}")
 
 
-@HALF_SUMS_BUG
 @pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=["bf16", "f16"])
 def test_module_cast_to_half_keeps_float32_state(dtype):
     torch.manual_seed(1)
@@ -94,7 +79,6 @@ def test_module_cast_to_half_keeps_float32_state(dtype):
         _check_half_step(actual, expected, dtype, "clamp", f"{dtype} step {step}")
 
 
-@HALF_SUMS_BUG
 def test_cpu_autocast_bfloat16():
     """Under CPU autocast the conv hands the layer bfloat16; the layer keeps float32 state and matches."""
     torch.manual_seed(2)
@@ -150,7 +134,7 @@ def test_memory_layouts(layout, dtype):
         assert_matches(actual, reference_step(reference, x, grad_out), rtol, f"{layout} step {step}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=UNCENTERED_BACKWARD_BUG)], ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("ecm", ECMS)
 def test_constant_channels(ecm, dtype):
     """Channels with zero variance, in every sample and in the state (a BatchNorm of a constant channel)."""

@@ -13,6 +13,7 @@ variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,61 +42,78 @@ def stat_dtype(x: Tensor, state: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
 
 
+def _without_autocast(method):
+    """Run ``method`` with autocast off: the scans' matrix products must stay in the statistics dtype."""
+
+    @functools.wraps(method)
+    def run(ctx, *args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return method(ctx, *args)
+
+    return run
+
+
 class OnlineNormFunction(torch.autograd.Function):
     """Streaming normalization + affine + optional clamp, with ON's controlled backward.
 
-    ``forward(x, weight, bias, state, alpha_fwd, alpha_bkw, eps, clamp_value)`` returns
-    ``z = gamma * y + beta``, clamped to ``[-clamp_value, clamp_value]`` unless
-    ``clamp_value`` is None. ``weight``/``bias`` may be None (no affine). ``state`` is
+    ``forward(x, weight, bias, state, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype)``
+    returns ``z = gamma * y + beta`` in ``out_dtype``, clamped to ``[-clamp_value, clamp_value]``
+    unless ``clamp_value`` is None. ``weight``/``bias`` may be None (no affine). ``state`` is
     advanced in place: mean/var in forward, u/v in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value):
+    @_without_autocast
+    def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
         m, s = kernel("spatial_stats", x3)(x3)
 
-        mean_prev, mean_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m, state.mean.to(dtype))
-        d = m - mean_prev
+        # The mean is scanned as its drift from mu_0, the stream's mean before the batch, and
+        # x - mu_prev formed as (x - mu_0) - drift: where the data sits at the stream's mean
+        # (a converted layer, a constant channel) every difference is then exactly zero
+        # instead of a rounding error that 1 / sqrt(var + eps) would amplify.
+        mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
+        m_rel = m - mean0
+        drift_prev, drift_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m_rel, torch.zeros_like(mean0))
+        d = m_rel - drift_prev
         var_incr = (1 - alpha_fwd) * s + (alpha_fwd * (1 - alpha_fwd)) * d * d
         var_prev, var_last = linear_scan(alpha_fwd, var_incr, state.var.to(dtype))
-        state.mean.copy_(mean_last)
+        state.mean.copy_(mean0 + drift_last)
         state.var.copy_(var_last)
 
         inv_k = torch.rsqrt(var_prev + eps)
         gamma = None if weight is None else weight.to(dtype)
         scale = inv_k if gamma is None else inv_k * gamma
-        shift = -mean_prev * scale
-        if bias is not None:
-            shift = shift + bias.to(dtype)
+        offset = torch.zeros_like(mean0) if bias is None else bias.to(dtype)
         limit = torch.tensor(math.inf if clamp_value is None else clamp_value, dtype=dtype, device=x.device)
-        z = kernel("affine_clamp", x3)(x3, scale.unsqueeze(2), shift.unsqueeze(2), limit)
+        z_coefs = _z_coefficients(mean0, drift_prev, scale, offset, limit)
+        z = kernel("affine_clamp", x3)(x3, *z_coefs)
 
-        ctx.save_for_backward(x, scale, shift, limit, mean_prev, inv_k, d, s, gamma)
+        ctx.save_for_backward(x, *z_coefs, inv_k, d, s, gamma)
         ctx.state, ctx.alpha_bkw = state, alpha_bkw
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # detach(): the same memory without the view relation autograd forbids for a Function's
         # output that a following ReLU(inplace=True) modifies.
-        return z.reshape(x.shape).detach().to(x.dtype)
+        return z.reshape(x.shape).detach().to(out_dtype)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out):
-        x, scale, shift, limit, mean_prev, inv_k, d, s, gamma = ctx.saved_tensors
+        x, *z_coefs, inv_k, d, s, gamma = ctx.saved_tensors
+        scale = z_coefs[2]
         state, ab = ctx.state, ctx.alpha_bkw
-        dtype = mean_prev.dtype
+        dtype = inv_k.dtype
         x3 = _as_channels_by_positions(x, dtype)
-        g3 = grad_out.reshape(x3.shape)
+        g3 = _as_channels_by_positions(grad_out, dtype)
         count = x3.shape[2]
-        scale3, shift3 = scale.unsqueeze(2), shift.unsqueeze(2)
-        sum_gz, sum_gz_x = kernel("masked_grad_sums", x3)(g3, x3, scale3, shift3, limit)
-        # mean over positions of grad_z * y, from the two sums (y = (x - mean_prev) * inv_k).
-        mean_gz_y = (sum_gz_x - mean_prev * sum_gz) * (inv_k / count)
+        sum_gz, sum_gz_xc = kernel("masked_grad_sums", x3)(g3, x3, *z_coefs)
+        mean_gz_y = sum_gz_xc * (inv_k / count)  # mean over positions of grad_z * y
         grad_weight = None if ctx.weight_dtype is None else (mean_gz_y.sum(0) * count).to(ctx.weight_dtype)
         grad_bias = None if ctx.bias_dtype is None else sum_gz.sum(0).to(ctx.bias_dtype)
 
-        g_scale = inv_k if gamma is None else inv_k * gamma  # dL/dx = grad_z * g_scale + ...
+        # With g = gamma * grad_z: v and u from per-sample means of g * y, y^2, g and y.
         mean_g_y = mean_gz_y if gamma is None else mean_gz_y * gamma
         mean_y2 = (s + d * d) * inv_k * inv_k
         v_prev, v_last = linear_scan(1 - (1 - ab) * mean_y2, mean_g_y, state.v.to(dtype))
@@ -105,18 +123,30 @@ class OnlineNormFunction(torch.autograd.Function):
         state.u.copy_(u_last)
         state.v.copy_(v_last)
 
-        # dL/dx = g'/k - (1-ab) u_prev,  g' = g - (1-ab) v_prev y  ->  affine in grad_z and x.
-        x_coef = -(1 - ab) * v_prev * inv_k * inv_k
-        const = -x_coef * mean_prev - (1 - ab) * u_prev
-        coefs = (g_scale.unsqueeze(2), x_coef.unsqueeze(2), const.unsqueeze(2))
-        grad_x = kernel("input_grad", x3)(g3, x3, scale3, shift3, limit, *coefs)
-        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None
+        # dL/dx = g'/k - (1-ab) u_prev with g' = g - (1-ab) v_prev y, as terms in grad_z and x - center.
+        grad_coef = scale  # gamma / k, already (N, C, 1)
+        xc_coef = (-(1 - ab) * v_prev * inv_k * inv_k).unsqueeze(2)
+        const = (-(1 - ab) * u_prev).unsqueeze(2)
+        grad_x = kernel("input_grad", x3)(g3, x3, *z_coefs, grad_coef, xc_coef, const)
+        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> tuple[Tensor, ...]:
+    """The kernels' ``(mean0, drift, scale, offset, limit)``, shaped for ``(N, C, S)`` activations.
+
+    ``z = ((x - mean0) - drift) * scale + offset``: ``mean0``, ``offset`` per channel, the rest per sample.
+    """
+    return mean0.reshape(1, -1, 1), drift.unsqueeze(2), scale.unsqueeze(2), offset.reshape(1, -1, 1), limit
 
 
 def _as_channels_by_positions(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` as ``(N, C, positions)`` in ``dtype``; a view whenever the layout allows (channels_last too)."""
+    """``x`` as ``(N, C, positions)`` in ``dtype``; no copy whenever the layout allows (channels_last too).
+
+    Detached from its view base: the compiled kernels then guard on its own shape, not
+    on the base's strides, and do not recompile for every layer shape.
+    """
     x = x if x.dtype == dtype else x.to(dtype)
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], -1).detach()
 
 
 def frozen_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float):
@@ -136,4 +166,5 @@ def frozen_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var:
 def layer_scale(z: Tensor, eps: float) -> Tensor:
     """Layer scaling ECM: ``z / sqrt(mean(z^2) + eps)``, mean per sample over channels and positions."""
     dims = tuple(range(1, z.ndim))
-    return z * torch.rsqrt(z.pow(2).mean(dim=dims, keepdim=True) + eps)
+    wide = z.to(torch.promote_types(z.dtype, torch.float32))  # z**2 overflows half precision past 256
+    return z * torch.rsqrt(wide.pow(2).mean(dim=dims, keepdim=True) + eps).to(z.dtype)

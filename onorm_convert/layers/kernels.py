@@ -28,21 +28,27 @@ def spatial_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def affine_clamp(x: Tensor, scale: Tensor, shift: Tensor, limit: Tensor) -> Tensor:
-    """``clamp(scale * x + shift, -limit, limit)``; ``limit`` may be ``inf``."""
-    return torch.clamp(x * scale + shift, -limit, limit)
+def affine_clamp(x: Tensor, mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> Tensor:
+    """``clamp(xc * scale + offset, -limit, limit)``, ``xc = (x - mean0) - drift``; ``limit`` may be ``inf``."""
+    return torch.clamp(((x - mean0) - drift) * scale + offset, -limit, limit)
 
 
-def masked_grad_sums(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum(gz), sum(gz * x))`` over the last dim, where ``gz`` is ``grad`` zeroed where the clamp cut."""
-    gz = torch.where((x * scale + shift).abs() <= limit, grad, 0.0)
-    return gz.sum(dim=2), (gz * x).sum(dim=2)
+def masked_grad_sums(grad, x, mean0, drift, scale, offset, limit) -> tuple[Tensor, Tensor]:
+    """``(sum(gz), sum(gz * xc))`` over the last dim; ``gz`` is ``grad`` zeroed where the clamp cut.
+
+    Centered (``xc`` as in :func:`affine_clamp`), so a channel with (near) zero variance
+    loses no precision to cancellation.
+    """
+    xc = (x - mean0) - drift
+    gz = torch.where((xc * scale + offset).abs() <= limit, grad, 0.0)
+    return gz.sum(dim=2), (gz * xc).sum(dim=2)
 
 
-def input_grad(grad, x, scale, shift, limit, grad_coef, x_coef, const) -> Tensor:
-    """``gz * grad_coef + x * x_coef + const``, with ``gz`` as in :func:`masked_grad_sums`."""
-    gz = torch.where((x * scale + shift).abs() <= limit, grad, 0.0)
-    return gz * grad_coef + x * x_coef + const
+def input_grad(grad, x, mean0, drift, scale, offset, limit, grad_coef, xc_coef, const) -> Tensor:
+    """``gz * grad_coef + xc * xc_coef + const``, with ``xc``, ``gz`` as in :func:`masked_grad_sums`."""
+    xc = (x - mean0) - drift
+    gz = torch.where((xc * scale + offset).abs() <= limit, grad, 0.0)
+    return gz * grad_coef + xc * xc_coef + const
 
 
 EAGER = {f.__name__: f for f in (spatial_stats, affine_clamp, masked_grad_sums, input_grad)}

@@ -102,10 +102,13 @@ class OnlineNormBase(nn.Module):
         clamp = self.clamp_value if self.ecm == CLAMP else None
         if self.training and x.shape[0] > 0:
             state = StreamState(self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
-            z = OnlineNormFunction.apply(x, self.weight, self.bias, state, self.alpha_fwd, self.alpha_bkw, self.eps, clamp)
+            # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
+            z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
+            args = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp, z_dtype)
+            z = OnlineNormFunction.apply(x, self.weight, self.bias, state, *args)
         else:
             z = self.frozen_forward(x, clamp)
-        return layer_scale(z, self.ls_eps) if self.ecm == LAYER_SCALING else z
+        return layer_scale(z, self.ls_eps).to(x.dtype) if self.ecm == LAYER_SCALING else z
 
     def frozen_forward(self, x: Tensor, clamp: float | None) -> Tensor:
         """Eval-mode output before layer scaling: frozen statistics, affine, optional clamp."""
