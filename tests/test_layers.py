@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
+from onorm_convert.layers import STATE_BUFFERS
 from reference import ReferenceOnlineNorm
 
 ALPHA_FWD, ALPHA_BKW = 0.9, 0.8  # far from 1 so that three steps move the state visibly
@@ -192,3 +193,23 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
         nn.ReLU(inplace=inplace)(layer(x_in)).sum().backward()
         grads.append(x_in.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_kernels_match_eager(monkeypatch, layout):
+    """The TorchInductor-fused passes compute what the eager ops compute (same Python functions)."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(8, 6, 5, 5) * 2 + 1).contiguous(memory_format=memory_format)
+    grad = torch.randn(8, 6, 5, 5)
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("ONORM_COMPILE", setting)
+        layer = OnlineNorm2d(6, alpha_fwd=0.9, clamp_value=1.5)
+        for _ in range(2):
+            x_in = x.clone().requires_grad_(True)
+            out = layer(x_in)
+            out.backward(grad)
+        results[setting] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
+    for eager, compiled in zip(results["0"], results["1"]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -3,8 +3,9 @@
 Training ON reads the activations twice forward (statistics, then output) and twice
 backward (two sums, then the input gradient), like BatchNorm. Written as separate eager
 ops each pass becomes several, so on CPU the four functions below are compiled by
-TorchInductor into one loop each (``ONORM_COMPILE=auto``, the default, does this on CPU
-when a C compiler is present; ``1`` forces it, ``0`` disables it). The eager and
+TorchInductor into one loop each (``ONORM_COMPILE=auto``, the default, does this for
+float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
+present; ``1`` compiles every float32 pass, ``0`` none). The eager and
 compiled versions are the same Python functions, so they compute the same thing.
 
 All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
@@ -55,12 +56,21 @@ EAGER = {f.__name__: f for f in (spatial_stats, affine_clamp, masked_grad_sums, 
 _compiled: dict[str, object] = {}
 
 
+# Below this many activations a pass is dominated by per-op overhead, not memory traffic,
+# and a compile (seconds, once per layout) would cost more than it saves.
+COMPILE_MIN_ELEMENTS = 1 << 16
+
+
 def _compile_wanted(x: Tensor) -> bool:
     setting = os.environ.get("ONORM_COMPILE", "auto").lower()
     if setting in ("0", "false", "off", "no") or x.dtype != torch.float32:
         return False
     if setting == "auto":
-        return x.device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is not None
+        return (
+            x.device.type == "cpu"
+            and x.numel() >= COMPILE_MIN_ELEMENTS
+            and shutil.which(os.environ.get("CXX", "g++")) is not None
+        )
     return True
 
 
