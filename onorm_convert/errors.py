@@ -1,7 +1,8 @@
 """Expected failures, each carrying the exit code the CLI reports.
 
-Exit codes (the pipeline contract): 0 done/verified, 1 verification failed, 2 bad input
-or usage, 130 interrupted. Anything else escaping is a bug in onorm.
+Exit codes (the pipeline contract, documented in docs/contract.md): 0 done (and verified,
+where the command verifies), 1 verification failed, 2 bad input or usage (including an
+output that cannot be written), 3 an internal error (a bug in onorm), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 

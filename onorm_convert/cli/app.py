@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, OnormError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, OnormError
 
 app = typer.Typer(
     name="onorm",
@@ -19,8 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_INTERNAL = 3
 
 
 class Console:
@@ -47,32 +45,61 @@ class Console:
 def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Console], tuple[int, dict[str, Any]]]) -> None:
     """Run ``body(console) -> (exit_code, report)`` and exit with the pipeline contract.
 
-    Expected failures (:class:`OnormError`) print one line on stderr (and a JSON object
-    on stdout under --json) and exit with their code; Ctrl-C exits 130; an unexpected
-    exception is a bug: one line (traceback with --debug), exit 3.
+    A failure prints one line on stderr (after the traceback, with --debug only), and a
+    JSON object on stdout under --json; :func:`failure` gives its message and exit code.
     """
     console = Console(json_mode)
     try:
         code, report = body(console)
-    except OnormError as err:
-        _fail(command, json_mode, debug, str(err), err.exit_code, type(err).__name__)
-    except KeyboardInterrupt:
-        _fail(command, json_mode, debug, "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt")
-    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
-        message = f"internal error: {type(err).__name__}: {err} (this is a bug in onorm; rerun with --debug and report it)"
-        _fail(command, json_mode, debug, message, EXIT_INTERNAL, type(err).__name__)
+    except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
+        _fail(command, json_mode, debug, *failure(err))
     if json_mode:
         typer.echo(json.dumps({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2, default=str))
     raise typer.Exit(code)
 
 
+def failure(err: BaseException) -> tuple[str, int, str]:
+    """The ``(message, exit code, kind)`` of an exception that ended a command.
+
+    Ctrl-C exits 130, even when a library wrapped the KeyboardInterrupt (pybind11 turns
+    one during an import into ``ImportError("initialization failed")``); an
+    :class:`OnormError` its own code; an :class:`OSError` (a file the system would not
+    read or write) 2; anything else is a bug in onorm: 3.
+    """
+    kind = type(err).__name__
+    if _caused_by_ctrl_c(err):
+        return "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt"
+    if isinstance(err, OnormError):
+        return str(err), err.exit_code, kind
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err}; check the path, its permissions and the free space", EXIT_BAD_INPUT, kind
+    return f"internal error: {kind}: {err} (this is a bug in onorm; rerun with --debug and report it)", EXIT_INTERNAL, kind
+
+
+def _caused_by_ctrl_c(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def report_error(command: str, message: str, kind: str) -> dict[str, str]:
+    """Print the failure's one line on stderr (``onorm COMMAND: error: ...``); returns the JSON ``error`` object."""
+    first_line = message.strip().splitlines()[0] if message.strip() else kind
+    typer.echo(f"onorm {command}: error: {first_line}", err=True)
+    return {"type": kind, "message": message}
+
+
 def _fail(command: str, json_mode: bool, debug: bool, message: str, code: int, kind: str) -> None:
     if debug:
         traceback.print_exc()
-    first_line = message.strip().splitlines()[0] if message.strip() else kind
-    typer.echo(f"onorm {command}: error: {first_line}", err=True)
+    error = report_error(command, message, kind)
     if json_mode:
-        typer.echo(json.dumps({"command": command, "ok": False, "exit_code": code, "error": {"type": kind, "message": message}}))
+        typer.echo(json.dumps({"command": command, "ok": False, "exit_code": code, "error": error}))
     sys.stdout.flush()
     raise typer.Exit(code)
 

@@ -16,7 +16,7 @@ from ..files import check_output_path, write_atomically
 from ..inputs import random_inputs
 from ..layers import normalize_ecm
 from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
-from .app import Console, app, run_command
+from .app import Console, app, report_error, run_command
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -81,7 +81,11 @@ def convert(
                 f"ECM off: relative {check.exact_rel_diff:.3g} ({'exact' if check.exact else 'NOT exact'})"
             )
             if not check.exact:
-                console.warn(f"the converted model differs from the original beyond {EXACT_RTOL:g}; nothing written")
+                message = (
+                    f"the converted model differs from the original beyond {EXACT_RTOL:g} (relative {check.exact_rel_diff:.3g} with the ECM off); "
+                    "nothing written; if the model's code depends on the BatchNorm type, leave those layers out with --exclude"
+                )
+                report["error"] = report_error("convert", message, "VerificationError")
                 return EXIT_MISMATCH, report
         else:
             report["check"] = None
