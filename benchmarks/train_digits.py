@@ -8,7 +8,7 @@ table reports each run's best validation loss and accuracy (rows BN / ON (clamp)
 exports the trained ON (clamp) model with the validation set as ``--inputs``, and the ONNX
 model's validation accuracy under onnxruntime is compared with PyTorch's.
 
-    python benchmarks/train_digits.py [--epochs 10] [--threads 1] [--compile] [--out benchmarks/results]
+    python benchmarks/train_digits.py [--epochs 10] [--threads 1] [--out benchmarks/results]
 
 Writes ``train_digits.json``, ``train_digits.md`` (the table) and ``train_digits.png``
 (validation accuracy per epoch; needs matplotlib: ``pip install .[plots]``).
@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -420,17 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: 8x8 activations gain nothing from intra-op threads, and idle threads spinning on a shared
     # 2-core machine cost several times the step.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--compile", action="store_true",
-        help="fuse OnlineNorm's kernels with torch.compile (ONORM_COMPILE=1); off by default, since at 8x8 "
-        "activations the compiled kernels' per-call overhead outweighs the fusion",
-    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for train_digits.{json,md,png}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ["ONORM_COMPILE"] = "1" if args.compile else "0"  # read by the layer at every training call
     recipe = Recipe(epochs=args.epochs)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled layer kernels: {args.compile}; {recipe}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {recipe}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         results = run_experiment(recipe, Path(work))
     table = markdown_table(results)
