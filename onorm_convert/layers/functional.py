@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import kernel
+from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats
 from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
@@ -67,28 +67,18 @@ class OnlineNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
-        m, s = kernel("spatial_stats", x3)(x3)
-
-        # The mean is scanned as its drift from mu_0, the stream's mean before the batch, and
-        # x - mu_prev formed as (x - mu_0) - drift: where the data sits at the stream's mean
-        # (a converted layer, a constant channel) every difference is then exactly zero
-        # instead of a rounding error that 1 / sqrt(var + eps) would amplify.
+        m, s = kernel(spatial_stats, x3)(x3)
         mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
-        m_rel = m - mean0
-        drift_prev, drift_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m_rel, torch.zeros_like(mean0))
-        d = m_rel - drift_prev
-        var_incr = (1 - alpha_fwd) * s + (alpha_fwd * (1 - alpha_fwd)) * d * d
-        var_prev, var_last = linear_scan(alpha_fwd, var_incr, state.var.to(dtype))
-        state.mean.copy_(mean0 + drift_last)
+        gamma = torch.ones_like(mean0) if weight is None else weight.to(dtype)
+        offset = torch.zeros_like(mean0) if bias is None else bias.to(dtype)
+        stats = kernel(forward_statistics, x3)(m, s, mean0, state.var.to(dtype), gamma, alpha_fwd, eps)
+        drift_prev, mean_last, var_last, inv_k, scale, d = stats
+        state.mean.copy_(mean_last)
         state.var.copy_(var_last)
 
-        inv_k = torch.rsqrt(var_prev + eps)
-        gamma = None if weight is None else weight.to(dtype)
-        scale = inv_k if gamma is None else inv_k * gamma
-        offset = torch.zeros_like(mean0) if bias is None else bias.to(dtype)
         limit = torch.tensor(math.inf if clamp_value is None else clamp_value, dtype=dtype, device=x.device)
         z_coefs = _z_coefficients(mean0, drift_prev, scale, offset, limit)
-        z = kernel("affine_clamp", x3)(x3, *z_coefs)
+        z = kernel(affine_clamp, x3)(x3, *z_coefs)
 
         ctx.save_for_backward(x, *z_coefs, inv_k, d, s, gamma)
         ctx.state, ctx.alpha_bkw = state, alpha_bkw
@@ -102,33 +92,63 @@ class OnlineNormFunction(torch.autograd.Function):
     @_without_autocast
     def backward(ctx, grad_out):
         x, *z_coefs, inv_k, d, s, gamma = ctx.saved_tensors
-        scale = z_coefs[2]
-        state, ab = ctx.state, ctx.alpha_bkw
+        state = ctx.state
         dtype = inv_k.dtype
         x3 = _as_channels_by_positions(x, dtype)
         g3 = _as_channels_by_positions(grad_out, dtype)
-        count = x3.shape[2]
-        sum_gz, sum_gz_xc = kernel("masked_grad_sums", x3)(g3, x3, *z_coefs)
-        mean_gz_y = sum_gz_xc * (inv_k / count)  # mean over positions of grad_z * y
-        grad_weight = None if ctx.weight_dtype is None else (mean_gz_y.sum(0) * count).to(ctx.weight_dtype)
-        grad_bias = None if ctx.bias_dtype is None else sum_gz.sum(0).to(ctx.bias_dtype)
-
-        # With g = gamma * grad_z: v and u from per-sample means of g * y, y^2, g and y.
-        mean_g_y = mean_gz_y if gamma is None else mean_gz_y * gamma
-        mean_y2 = (s + d * d) * inv_k * inv_k
-        v_prev, v_last = linear_scan(1 - (1 - ab) * mean_y2, mean_g_y, state.v.to(dtype))
-        mean_g = sum_gz / count if gamma is None else sum_gz * (gamma / count)
-        mean_h = (mean_g - (1 - ab) * v_prev * d * inv_k) * inv_k
-        u_prev, u_last = linear_scan(ab, mean_h, state.u.to(dtype))
+        sum_gz, sum_gz_xc = kernel(masked_grad_sums, x3)(g3, x3, *z_coefs)
+        coefs = kernel(backward_statistics, x3)(
+            sum_gz, sum_gz_xc, inv_k, d, s, gamma, state.u.to(dtype), state.v.to(dtype), ctx.alpha_bkw, x3.shape[2]
+        )
+        grad_weight, grad_bias, u_last, v_last, xc_coef, const = coefs
         state.u.copy_(u_last)
         state.v.copy_(v_last)
-
-        # dL/dx = g'/k - (1-ab) u_prev with g' = g - (1-ab) v_prev y, as terms in grad_z and x - center.
-        grad_coef = scale  # gamma / k, already (N, C, 1)
-        xc_coef = (-(1 - ab) * v_prev * inv_k * inv_k).unsqueeze(2)
-        const = (-(1 - ab) * u_prev).unsqueeze(2)
-        grad_x = kernel("input_grad", x3)(g3, x3, *z_coefs, grad_coef, xc_coef, const)
+        grad_x = kernel(input_grad, x3)(g3, x3, *z_coefs, z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))
+        grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
+        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
         return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def forward_statistics(m, s, mean0, var0, gamma, alpha_fwd: float, eps: float):
+    """The forward recurrences for a batch of per-sample statistics ``m``, ``s`` (``(N, C)``).
+
+    The mean is scanned as its drift from ``mean0`` (mu_0, the stream's mean before the
+    batch) and ``x - mu_prev`` later formed as ``(x - mu_0) - drift``: where the data sits at
+    the stream's mean (a converted layer, a constant channel) every difference is then
+    exactly zero instead of a rounding error that ``1 / sqrt(var + eps)`` would amplify.
+
+    Returns ``(drift_prev, mean_last, var_last, inv_k, scale, d)``: the drift before each
+    sample, the state after the batch, ``1 / k``, ``gamma / k`` and ``d = m - mu_prev``.
+    """
+    m_rel = m - mean0
+    drift_prev, drift_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m_rel, torch.zeros_like(mean0))
+    d = m_rel - drift_prev
+    var_incr = (1 - alpha_fwd) * s + (alpha_fwd * (1 - alpha_fwd)) * d * d
+    var_prev, var_last = linear_scan(alpha_fwd, var_incr, var0)
+    inv_k = torch.rsqrt(var_prev + eps)
+    return drift_prev, mean0 + drift_last, var_last, inv_k, inv_k * gamma, d
+
+
+def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int):
+    """The backward recurrences, from the per-sample sums of ``gz`` and ``gz * (x - mu_prev)``.
+
+    With ``g = gamma * gz`` (``gz``: the gradient at ``z`` where the clamp let it through),
+    ``v`` and ``u`` follow from per-sample means of ``g * y``, ``y^2``, ``g`` and ``y``; then
+    ``dL/dx = g'/k - (1-ab) u_prev`` with ``g' = g - (1-ab) v_prev y`` is affine in ``gz``
+    and ``x - mu_prev``.
+
+    Returns ``(grad_weight, grad_bias, u_last, v_last, xc_coef, const)``:
+    ``dL/dx = gz * gamma / k + (x - mu_prev) * xc_coef + const``.
+    """
+    ab = alpha_bkw
+    mean_gz_y = sum_gz_xc * (inv_k / count)  # mean over positions of gz * y
+    mean_y2 = (s + d * d) * inv_k * inv_k
+    v_prev, v_last = linear_scan(1 - (1 - ab) * mean_y2, mean_gz_y * gamma, v0)
+    mean_h = (sum_gz * (gamma / count) - (1 - ab) * v_prev * d * inv_k) * inv_k
+    u_prev, u_last = linear_scan(ab, mean_h, u0)
+    grad_weight = mean_gz_y.sum(0) * count
+    grad_bias = sum_gz.sum(0)
+    return grad_weight, grad_bias, u_last, v_last, -(1 - ab) * v_prev * inv_k * inv_k, -(1 - ab) * u_prev
 
 
 def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> tuple[Tensor, ...]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -56,8 +57,7 @@ def input_grad(grad, x, mean0, drift, scale, offset, limit, grad_coef, xc_coef, 
     return gz * grad_coef + xc * xc_coef + const
 
 
-EAGER = {f.__name__: f for f in (spatial_stats, affine_clamp, masked_grad_sums, input_grad)}
-_compiled: dict[str, object] = {}
+_compiled: dict = {}  # function -> its compiled version, or False once compiling it failed
 
 
 # Below this many activations a pass is dominated by per-op overhead, not memory traffic,
@@ -78,26 +78,26 @@ def _compile_wanted(x: Tensor) -> bool:
     return True
 
 
-def kernel(name: str, x: Tensor):
-    """The pass ``name`` for activations like ``x``: compiled where that pays, else eager."""
-    if not _compile_wanted(x) or _compiled.get(name) is False:
-        return EAGER[name]
-    if name not in _compiled:
-        _compiled[name] = _guarded(name, torch.compile(EAGER[name], dynamic=True))
-    return _compiled[name]
+def kernel(fn: Callable, x: Tensor) -> Callable:
+    """``fn`` for activations like ``x``: its TorchInductor-compiled version where that pays, else ``fn``."""
+    if not _compile_wanted(x) or _compiled.get(fn) is False:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = _guarded(fn, torch.compile(fn, dynamic=True))
+    return _compiled[fn]
 
 
-def _guarded(name: str, compiled):
+def _guarded(fn: Callable, compiled: Callable) -> Callable:
     """Run ``compiled``; if compilation itself fails, warn once and fall back to eager for good."""
 
     def run(*args):
         try:
             return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure must not stop training
-            if _compiled.get(name) is False:
+            if _compiled.get(fn) is False:
                 raise
-            _compiled[name] = False
-            warnings.warn(f"onorm: torch.compile failed for {name} ({type(err).__name__}); using eager kernels", stacklevel=3)
-            return EAGER[name](*args)
+            _compiled[fn] = False
+            warnings.warn(f"onorm: torch.compile failed for {fn.__name__} ({type(err).__name__}); using eager kernels", stacklevel=3)
+            return fn(*args)
 
     return run
