@@ -98,8 +98,16 @@ def check_opset(opset: int | None) -> None:
 
 
 def failed_path(destination: Path) -> Path:
-    """Where ``--keep-failed`` keeps a file that failed verification: ``NAME.verification-failed.EXT`` beside it."""
-    return destination.with_name(destination.stem + FAILED_SUFFIX + destination.suffix)
+    """Where ``--keep-failed`` keeps a file that failed verification: ``NAME.verification-failed.EXT`` beside it.
+
+    An earlier failed file is never replaced: the first free ``NAME.verification-failed-K.EXT`` is used instead.
+    """
+    candidate = destination.with_name(destination.stem + FAILED_SUFFIX + destination.suffix)
+    attempt = 1
+    while candidate.exists():
+        attempt += 1
+        candidate = destination.with_name(f"{destination.stem}{FAILED_SUFFIX}-{attempt}{destination.suffix}")
+    return candidate
 
 
 def op_type_counts(model_proto: Any) -> dict[str, int]:

@@ -84,7 +84,9 @@ class VerifyReport:
         worst_abs = max((c.max_abs for c in self.checks), default=float("nan"))
         worst_rel = max((c.max_rel for c in self.checks), default=float("nan"))
         verdict = "verified" if self.passed else f"MISMATCH in {len(self.failures())} of {len(self.checks)} checks"
-        return f"{verdict} with {self.runtime}: max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}"
+        line = f"{verdict} with {self.runtime}: max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}"
+        problems = sorted({check.problem for check in self.failures() if check.problem})
+        return line + (f" ({'; '.join(problems)})" if problems else "")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

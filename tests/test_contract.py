@@ -457,7 +457,6 @@ def test_export_verification_producing_nan_exits_1_and_is_never_verified(tmp_pat
     assert report["path"] is None and digests(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="export.py: --keep-failed publishes NAME.verification-failed.EXT over an existing file without --force")
 def test_keep_failed_never_replaces_an_existing_file_without_force(tmp_path, arch_module):
     torch.save(build_arch(f"{arch_module}:log_net", {}).state_dict(), tmp_path / "log.pt")
     kept = tmp_path / "log.verification-failed.onnx"

@@ -11,7 +11,7 @@ from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
 from ..export import ONNX, TORCH, ExportMismatchError, ExportReport, check_opset, export_onnx, export_torch
 from ..files import check_output_path
 from ..inputs import fit_inputs, load_input_file, random_inputs
-from .app import Console, app, run_command
+from .app import Console, app, report_error, run_command
 from .convert_cmd import format_table
 from .options import (
     ArchKwargsOpt,
@@ -84,8 +84,8 @@ def export(
                 report = export_torch(loaded.module, destination, random_inputs(shapes), **options)
         except ExportMismatchError as err:
             show_report(console, err.report)
-            typer.echo(f"onorm export: error: {err}", err=True)
-            result = {**header, **err.report.to_dict(), "error": {"type": type(err).__name__, "message": str(err)}}
+            error = report_error("export", str(err), type(err).__name__)
+            result = {**header, **err.report.to_dict(), "error": error}
             return EXIT_MISMATCH, result
         show_report(console, report)
         verdict = "verified" if report.verification is not None else "NOT verified"
