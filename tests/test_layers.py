@@ -212,4 +212,5 @@ def test_compiled_kernels_match_eager(monkeypatch, layout):
             out.backward(grad)
         results[setting] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
     for eager, compiled in zip(results["0"], results["1"]):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+        # Two float32 evaluations that sum in different orders (channels_last most of all).
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -69,19 +69,20 @@ class OnlineNormFunction(torch.autograd.Function):
         x3 = _as_channels_by_positions(x, dtype)
         m, s = kernel(spatial_stats, x3)(x3)
         mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
-        gamma = torch.ones_like(mean0) if weight is None else weight.to(dtype)
-        offset = torch.zeros_like(mean0) if bias is None else bias.to(dtype)
+        # Detached: the compiled passes treat a Parameter's shape as static (one compile per width).
+        gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
+        offset = torch.zeros_like(mean0) if bias is None else bias.detach().to(dtype)
         stats = kernel(forward_statistics, x3)(m, s, mean0, state.var.to(dtype), gamma, alpha_fwd, eps)
         drift_prev, mean_last, var_last, inv_k, scale, d = stats
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
 
-        limit = torch.tensor(math.inf if clamp_value is None else clamp_value, dtype=dtype, device=x.device)
-        z_coefs = _z_coefficients(mean0, drift_prev, scale, offset, limit)
-        z = kernel(affine_clamp, x3)(x3, *z_coefs)
+        limit = math.inf if clamp_value is None else float(clamp_value)
+        z_coefs = _z_coefficients(mean0, drift_prev, scale, offset)
+        z = kernel(affine_clamp, x3)(x3, *z_coefs, limit)
 
         ctx.save_for_backward(x, *z_coefs, inv_k, d, s, gamma)
-        ctx.state, ctx.alpha_bkw = state, alpha_bkw
+        ctx.state, ctx.alpha_bkw, ctx.limit = state, alpha_bkw, limit
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # detach(): the same memory without the view relation autograd forbids for a Function's
@@ -96,14 +97,15 @@ class OnlineNormFunction(torch.autograd.Function):
         dtype = inv_k.dtype
         x3 = _as_channels_by_positions(x, dtype)
         g3 = _as_channels_by_positions(grad_out, dtype)
-        sum_gz, sum_gz_xc = kernel(masked_grad_sums, x3)(g3, x3, *z_coefs)
+        sum_gz, sum_gz_xc = kernel(masked_grad_sums, x3)(g3, x3, *z_coefs, ctx.limit)
         coefs = kernel(backward_statistics, x3)(
             sum_gz, sum_gz_xc, inv_k, d, s, gamma, state.u.to(dtype), state.v.to(dtype), ctx.alpha_bkw, x3.shape[2]
         )
         grad_weight, grad_bias, u_last, v_last, xc_coef, const = coefs
         state.u.copy_(u_last)
         state.v.copy_(v_last)
-        grad_x = kernel(input_grad, x3)(g3, x3, *z_coefs, z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))
+        grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
+        grad_x = kernel(input_grad, x3)(g3, x3, *z_coefs, ctx.limit, *grad_coefs)
         grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
         grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
         return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None
@@ -151,12 +153,12 @@ def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw
     return grad_weight, grad_bias, u_last, v_last, -(1 - ab) * v_prev * inv_k * inv_k, -(1 - ab) * u_prev
 
 
-def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> tuple[Tensor, ...]:
-    """The kernels' ``(mean0, drift, scale, offset, limit)``, shaped for ``(N, C, S)`` activations.
+def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, ...]:
+    """The kernels' ``(mean0, drift, scale, offset)``, shaped for ``(N, C, S)`` activations.
 
     ``z = ((x - mean0) - drift) * scale + offset``: ``mean0``, ``offset`` per channel, the rest per sample.
     """
-    return mean0.reshape(1, -1, 1), drift.unsqueeze(2), scale.unsqueeze(2), offset.reshape(1, -1, 1), limit
+    return mean0.reshape(1, -1, 1), drift.unsqueeze(2), scale.unsqueeze(2), offset.reshape(1, -1, 1)
 
 
 def _as_channels_by_positions(x: Tensor, dtype: torch.dtype) -> Tensor:

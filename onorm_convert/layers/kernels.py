@@ -34,7 +34,7 @@ def spatial_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (x - mean.unsqueeze(2)).square().mean(dim=2)
 
 
-def affine_clamp(x: Tensor, mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: Tensor) -> Tensor:
+def affine_clamp(x: Tensor, mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor, limit: float) -> Tensor:
     """``clamp(xc * scale + offset, -limit, limit)``, ``xc = (x - mean0) - drift``; ``limit`` may be ``inf``."""
     return torch.clamp(((x - mean0) - drift) * scale + offset, -limit, limit)
 

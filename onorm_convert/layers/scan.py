@@ -72,7 +72,7 @@ def _local_scan(decay: Tensor | float, increment: Tensor) -> tuple[Tensor, Tenso
     steps = increment.shape[0]
     if not isinstance(decay, Tensor):
         weights, powers = _power_matrix(float(decay), steps, increment.dtype, increment.device)
-        states = torch.tensordot(weights, increment, dims=([1], [0]))
+        states = torch.einsum("tj,j...->t...", weights, increment)
         return states, powers.reshape((steps,) + (1,) * (increment.dim() - 1))
     acc_decay, acc_incr = decay, increment
     shift = 1
