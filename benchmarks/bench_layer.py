@@ -21,6 +21,7 @@ import time
 
 import torch
 from torch import nn
+from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d
 
@@ -60,30 +61,26 @@ def time_pair(shape, repeats):
 
 
 def peak_memory_pair(shape):
-    """Peak bytes allocated by the CPU allocator over one forward+backward, (OnlineNorm, BatchNorm).
+    """Peak live bytes during one forward+backward above what was live before it, (OnlineNorm, BatchNorm).
 
-    Measured with the profiler's memory tracking relative to the live input/grad tensors, so
-    only what the layer itself allocates (outputs, saved tensors, temporaries, grad_x) counts.
+    Read from PyTorch's memory profiler timeline, with the input and output gradient already
+    allocated: what the layer itself adds (output, saved tensors, temporaries, grad_x).
     """
     peaks = []
     for layer in layer_pair(shape):
         x = torch.randn(shape).requires_grad_(True)
         grad = torch.randn(shape)
-        train_step(layer, x, grad)  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(layer, x, grad)  # warm-up (and compile)
+        x.grad = None
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
             train_step(layer, x, grad)
-        peaks.append(_peak_from_events(prof))
+        timeline = MemoryProfileTimeline(prof._memory_profile())
+        _, sizes = timeline._coalesce_timeline(torch.device("cpu"))
+        live = [sum(per_category) for per_category in sizes]
+        peaks.append(max(live) - live[0])
     return tuple(peaks)
-
-
-def _peak_from_events(prof) -> int:
-    """High-water mark of live bytes, replaying each op's own allocations and frees in start order."""
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
 
 
 def main(argv=None) -> int:
