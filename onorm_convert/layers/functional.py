@@ -67,7 +67,10 @@ class OnlineNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
-        m, s = kernel(spatial_stats, x3)(x3)
+        if x3.shape[2] == 1:  # dense: each sample's mean is its value, its variance 0 (no full-size copies)
+            m, s = x3[:, :, 0], x3.new_zeros(())
+        else:
+            m, s = kernel(spatial_stats, x3)(x3)
         mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
         # Detached: the compiled passes treat a Parameter's shape as static (one compile per width).
         gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
@@ -81,7 +84,7 @@ class OnlineNormFunction(torch.autograd.Function):
         z_coefs = _z_coefficients(mean0, drift_prev, scale, offset)
         z = kernel(affine_clamp, x3)(x3, *z_coefs, limit)
 
-        ctx.save_for_backward(x, *z_coefs, inv_k, d, s, gamma)
+        ctx.save_for_backward(x, mean0, drift_prev, offset, inv_k, d, s, gamma)  # scale = inv_k * gamma
         ctx.state, ctx.alpha_bkw, ctx.limit = state, alpha_bkw, limit
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -92,7 +95,8 @@ class OnlineNormFunction(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_out):
-        x, *z_coefs, inv_k, d, s, gamma = ctx.saved_tensors
+        x, mean0, drift_prev, offset, inv_k, d, s, gamma = ctx.saved_tensors
+        z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
         state = ctx.state
         dtype = inv_k.dtype
         x3 = _as_channels_by_positions(x, dtype)
