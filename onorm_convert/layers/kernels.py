@@ -15,6 +15,7 @@ stored: it costs arithmetic, not memory traffic, and survives an in-place ReLU o
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -70,12 +71,14 @@ def _compile_wanted(x: Tensor) -> bool:
     if setting in ("0", "false", "off", "no") or x.dtype != torch.float32:
         return False
     if setting == "auto":
-        return (
-            x.device.type == "cpu"
-            and x.numel() >= COMPILE_MIN_ELEMENTS
-            and shutil.which(os.environ.get("CXX", "g++")) is not None
-        )
+        return x.device.type == "cpu" and x.numel() >= COMPILE_MIN_ELEMENTS and _have_compiler()
     return True
+
+
+@functools.cache
+def _have_compiler() -> bool:
+    """Whether TorchInductor's C++ compiler is on PATH (looked up once: PATH walks are slow)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def kernel(fn: Callable, x: Tensor) -> Callable:
