@@ -32,8 +32,12 @@ demo: setup
 	$(ONORM) export $(DEMO)/digits_resnet_onorm.pt --strip-clamp --inputs $(DEMO)/digits_test.npy \
 		-o $(DEMO)/digits_resnet.onnx --force
 
+# Every benchmark; each prints its figures beside a baseline measured in the same process.
 bench: setup
-	$(PY) benchmarks/bench_layer.py
+	$(PY) benchmarks/bench_layer.py --json benchmarks/results/bench_layer.json
+	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_export.py
+	$(PY) benchmarks/train_digits.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
