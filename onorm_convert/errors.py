@@ -30,3 +30,9 @@ class VerificationError(OnormError):
     """A numerical check failed: outputs differ beyond tolerance or are not finite (exit 1)."""
 
     exit_code = EXIT_MISMATCH
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, VerificationError
+from .errors import BadInputError, VerificationError, first_line
 from .files import publish, staged_file
 from .fold import FoldReport, fold_with_report, strip_clamps
 from .inputs import run_model
@@ -140,11 +140,6 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def to_onnx_proto(model: nn.Module, example_inputs: Sequence[Tensor], *, opset: int | None, dynamic_batch: bool) -> Any:
     """``torch.onnx.export`` of ``model`` (eval mode): the in-memory ONNX program."""
     dynamic_shapes = dynamic_batch_shapes(example_inputs) if dynamic_batch else None
@@ -155,7 +150,7 @@ def to_onnx_proto(model: nn.Module, example_inputs: Sequence[Tensor], *, opset: 
             )
     except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
         hint = "; if the model fixes its batch size, retry with --static-batch" if dynamic_batch else ""
-        raise BadInputError(f"torch.onnx.export failed: {_first_line(err)}{hint} (rerun with --debug for details)") from err
+        raise BadInputError(f"torch.onnx.export failed: {first_line(err)}{hint} (rerun with --debug for details)") from err
 
 
 def _reference(model: nn.Module, strip_clamp: bool) -> nn.Module:
@@ -325,7 +320,7 @@ def _check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
-        raise VerificationError(f"the exported ONNX model fails onnx.checker: {_first_line(err)}") from err
+        raise VerificationError(f"the exported ONNX model fails onnx.checker: {first_line(err)}") from err
 
 
 def _save_torch_program(model: nn.Module, example_inputs: Sequence[Tensor], path: Path, dynamic_batch: bool) -> None:
@@ -336,7 +331,7 @@ def _save_torch_program(model: nn.Module, example_inputs: Sequence[Tensor], path
             program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
         hint = "; if the model fixes its batch size, retry with --static-batch" if dynamic_batch else ""
-        raise BadInputError(f"torch.export failed: {_first_line(err)}{hint} (rerun with --debug for details)") from err
+        raise BadInputError(f"torch.export failed: {first_line(err)}{hint} (rerun with --debug for details)") from err
     buffer = io.BytesIO()  # torch.export.save insists on a ".pt2" name; the staged file is ".pt2.tmp"
     torch.export.save(program, buffer)
     path.write_bytes(buffer.getvalue())

@@ -24,7 +24,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 from .inputs import run_model
 from .layers import OnlineNormBase
 from .layers.functional import CLAMP, LAYER_SCALING, frozen_affine, layer_scale
@@ -355,8 +355,7 @@ def fold_with_report(
     try:
         graph = _NormLeafTracer().trace(copied)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: fold without the graph
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        reason = f"torch.fx could not trace the model ({type(err).__name__}: {detail})"
+        reason = f"torch.fx could not trace the model ({type(err).__name__}: {first_line(err)})"
         steps, folded = _fold_standalone(copied, strip_clamp, reason)
         return folded.eval(), FoldReport(strip_clamp, False, reason, steps)
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)

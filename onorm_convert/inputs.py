@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 _SHAPE = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
@@ -56,7 +56,7 @@ def run_model(model: nn.Module, inputs: Sequence[Tensor]) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure inside user code becomes a clear bad-input error
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         where = running[-1] if running else "<model>"
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise BadInputError(
             f"the model rejects input shape {shapes}: layer '{where}' failed: {detail}; pass the shape the model expects with --input-shape"
         ) from err
@@ -85,7 +85,7 @@ def load_input_file(path: Path) -> list[Tensor]:
     except BadInputError:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable or unsafe content is bad input
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise BadInputError(f"--inputs {path}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict") from err
     return [torch.as_tensor(array) for array in arrays]
 

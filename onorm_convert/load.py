@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .checkpoint import is_checkpoint, validate_checkpoint
 from .convert import ConversionWarning, convert
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "onorm_checkpoint"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training checkpoints usually keep one
@@ -104,7 +104,7 @@ def build_arch(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
             namespace = importlib.import_module(module_name)
         except Exception as err:  # noqa: BLE001 - any import failure is the user's code or path
             raise BadInputError(
-                f"--arch {arch!r}: cannot import {module_name!r} ({type(err).__name__}: {_first_line(err)}); "
+                f"--arch {arch!r}: cannot import {module_name!r} ({type(err).__name__}: {first_line(err)}); "
                 "run onorm from the folder that contains it or install the package"
             ) from err
     factory = namespace
@@ -119,7 +119,7 @@ def build_arch(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - the factory is user code
         raise BadInputError(
             f"--arch {arch!r}: calling it with --arch-kwargs {dict(arch_kwargs)} failed "
-            f"({type(err).__name__}: {_first_line(err)}); fix --arch-kwargs"
+            f"({type(err).__name__}: {first_line(err)}); fix --arch-kwargs"
         ) from err
     if not isinstance(module, nn.Module):
         raise BadInputError(f"--arch {arch!r}: returned a {type(module).__name__}, not a torch.nn.Module; name a model factory")
@@ -146,7 +146,7 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     except RuntimeError as err:  # torch reports shape mismatches as one line per tensor
         mismatches = _SIZE_MISMATCH.findall(str(err))
         if not mismatches:
-            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by --arch ({_first_line(err)})") from err
+            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by --arch ({first_line(err)})") from err
         name, in_file, in_model = mismatches[0]
         raise BadInputError(
             f"{source}: the weights do not fit the model built by --arch: shapes differ for {_names([m[0] for m in mismatches])} "
@@ -224,23 +224,23 @@ def _safe_load(path: Path, trust: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
-            raise BadInputError(f"{path}: cannot be read ({_first_line(err)}); the file is truncated or corrupted") from err
+            raise BadInputError(f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted") from err
         if not trust:
             raise BadInputError(
                 f"{path}: contains pickled Python objects{_unsafe_globals(path)}; loading them runs code from the file. "
                 "If you trust it, pass --trust; otherwise save a state dict (torch.save(model.state_dict(), ...)) and pass --arch"
             ) from err
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
-        raise BadInputError(f"{path}: cannot be read ({_first_line(err)}); the file is truncated or corrupted") from err
+        raise BadInputError(f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as err:
         raise BadInputError(
-            f"{path}: the pickled model's code cannot be imported ({_first_line(err)}); run onorm from the folder with the code "
+            f"{path}: the pickled model's code cannot be imported ({first_line(err)}); run onorm from the folder with the code "
             "that defines it, or save a state dict and pass --arch"
         ) from err
     except Exception as err:  # noqa: BLE001 - arbitrary unpickling code failed
-        raise BadInputError(f"{path}: cannot be unpickled ({type(err).__name__}: {_first_line(err)})") from err
+        raise BadInputError(f"{path}: cannot be unpickled ({type(err).__name__}: {first_line(err)})") from err
 
 
 def _unsafe_globals(path: Path) -> str:
@@ -327,8 +327,3 @@ def _names(names: list[str] | tuple[str, ...]) -> str:
 
 def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d.strip())
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import first_line
 from .fold import strip_clamps
 from .inputs import random_inputs, run_model
 from .layers import OnlineNormBase
@@ -169,7 +170,7 @@ def verify_outputs(
         try:
             actual = run_candidate(inputs)
         except Exception as err:  # noqa: BLE001 - the runtime rejecting the file is a failed verification
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            detail = first_line(err)
             report.checks.append(OutputCheck(label, "<all>", (), float("inf"), float("inf"), float("nan"), float("nan"), False, f"{runtime} failed: {detail}"))
             continue
         report.checks.extend(compare_outputs(label, expected, actual, atol, rtol))
