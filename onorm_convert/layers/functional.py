@@ -67,24 +67,17 @@ class OnlineNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
-        if x3.shape[2] == 1:  # dense: each sample's mean is its value, its variance 0 (no full-size copies)
-            m, s = x3[:, :, 0], x3.new_zeros(())
-        else:
-            m, s = kernel(spatial_stats, x3)(x3)
         mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
         # Detached: the compiled passes treat a Parameter's shape as static (one compile per width).
         gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
         offset = torch.zeros_like(mean0) if bias is None else bias.detach().to(dtype)
-        stats = kernel(forward_statistics, x3)(m, s, mean0, state.var.to(dtype), gamma, alpha_fwd, eps)
-        drift_prev, mean_last, var_last, inv_k, scale, d = stats
+        limit = math.inf if clamp_value is None else float(clamp_value)
+        z, mean_last, var_last, saved = kernel(forward_pass, x3)(
+            x3, mean0, state.var.to(dtype), gamma, offset, alpha_fwd, eps, limit
+        )
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
-
-        limit = math.inf if clamp_value is None else float(clamp_value)
-        z_coefs = _z_coefficients(mean0, drift_prev, scale, offset)
-        z = kernel(affine_clamp, x3)(x3, *z_coefs, limit)
-
-        ctx.save_for_backward(x, mean0, drift_prev, offset, inv_k, d, s, gamma)  # scale = inv_k * gamma
+        ctx.save_for_backward(x, mean0, gamma, offset, *saved)
         ctx.state, ctx.alpha_bkw, ctx.limit = state, alpha_bkw, limit
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -95,27 +88,51 @@ class OnlineNormFunction(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_out):
-        x, mean0, drift_prev, offset, inv_k, d, s, gamma = ctx.saved_tensors
-        z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
+        x, mean0, gamma, offset, *saved = ctx.saved_tensors
         state = ctx.state
-        dtype = inv_k.dtype
+        dtype = mean0.dtype
         x3 = _as_channels_by_positions(x, dtype)
         g3 = _as_channels_by_positions(grad_out, dtype)
-        sum_gz, sum_gz_xc = kernel(masked_grad_sums, x3)(g3, x3, *z_coefs, ctx.limit)
-        coefs = kernel(backward_statistics, x3)(
-            sum_gz, sum_gz_xc, inv_k, d, s, gamma, state.u.to(dtype), state.v.to(dtype), ctx.alpha_bkw, x3.shape[2]
+        grad_x, grad_weight, grad_bias, u_last, v_last = kernel(backward_pass, x3)(
+            g3, x3, mean0, gamma, offset, *saved, state.u.to(dtype), state.v.to(dtype), ctx.alpha_bkw, ctx.limit
         )
-        grad_weight, grad_bias, u_last, v_last, xc_coef, const = coefs
         state.u.copy_(u_last)
         state.v.copy_(v_last)
-        grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
-        grad_x = kernel(input_grad, x3)(g3, x3, *z_coefs, ctx.limit, *grad_coefs)
         grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
         grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
         return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def forward_statistics(m, s, mean0, var0, gamma, alpha_fwd: float, eps: float):
+def forward_pass(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
+    """Training forward on activations ``x3`` viewed as ``(N, C, S)``: one function, fused when compiled.
+
+    Returns ``(z, mean_last, var_last, saved)``: the clamped affine output, the stream's
+    state after the batch, and the per-sample ``(drift_prev, inv_k, d, s)`` backward needs.
+    """
+    if x3.shape[2] == 1:  # dense: each sample's mean is its value, its variance 0 (no full-size copies)
+        m, s = x3[:, :, 0], x3.new_zeros(())
+    else:
+        m, s = spatial_stats(x3)
+    drift_prev, mean_last, var_last, inv_k, d = forward_statistics(m, s, mean0, var0, alpha_fwd, eps)
+    z = affine_clamp(x3, *_z_coefficients(mean0, drift_prev, inv_k * gamma, offset), limit)
+    return z, mean_last, var_last, (drift_prev, inv_k, d, s)
+
+
+def backward_pass(g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float):
+    """Training backward on ``(N, C, S)`` views: one function, fused when compiled.
+
+    Returns ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
+    """
+    z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
+    sum_gz, sum_gz_xc = masked_grad_sums(g3, x3, *z_coefs, limit)
+    stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2])
+    grad_weight, grad_bias, u_last, v_last, xc_coef, const = stats
+    grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
+    grad_x = input_grad(g3, x3, *z_coefs, limit, *grad_coefs)
+    return grad_x, grad_weight, grad_bias, u_last, v_last
+
+
+def forward_statistics(m, s, mean0, var0, alpha_fwd: float, eps: float):
     """The forward recurrences for a batch of per-sample statistics ``m``, ``s`` (``(N, C)``).
 
     The mean is scanned as its drift from ``mean0`` (mu_0, the stream's mean before the
@@ -123,16 +140,15 @@ def forward_statistics(m, s, mean0, var0, gamma, alpha_fwd: float, eps: float):
     the stream's mean (a converted layer, a constant channel) every difference is then
     exactly zero instead of a rounding error that ``1 / sqrt(var + eps)`` would amplify.
 
-    Returns ``(drift_prev, mean_last, var_last, inv_k, scale, d)``: the drift before each
-    sample, the state after the batch, ``1 / k``, ``gamma / k`` and ``d = m - mu_prev``.
+    Returns ``(drift_prev, mean_last, var_last, inv_k, d)``: the drift before each sample,
+    the state after the batch, ``1 / k`` and ``d = m - mu_prev``.
     """
     m_rel = m - mean0
     drift_prev, drift_last = linear_scan(alpha_fwd, (1 - alpha_fwd) * m_rel, torch.zeros_like(mean0))
     d = m_rel - drift_prev
     var_incr = (1 - alpha_fwd) * s + (alpha_fwd * (1 - alpha_fwd)) * d * d
     var_prev, var_last = linear_scan(alpha_fwd, var_incr, var0)
-    inv_k = torch.rsqrt(var_prev + eps)
-    return drift_prev, mean0 + drift_last, var_last, inv_k, inv_k * gamma, d
+    return drift_prev, mean0 + drift_last, var_last, torch.rsqrt(var_prev + eps), d
 
 
 def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int):
@@ -158,7 +174,7 @@ def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw
 
 
 def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, ...]:
-    """The kernels' ``(mean0, drift, scale, offset)``, shaped for ``(N, C, S)`` activations.
+    """The passes' ``(mean0, drift, scale, offset)``, shaped for ``(N, C, S)`` activations.
 
     ``z = ((x - mean0) - drift) * scale + offset``: ``mean0``, ``offset`` per channel, the rest per sample.
     """

@@ -1,12 +1,13 @@
-"""The four passes over the activations, optionally fused with ``torch.compile``.
+"""The passes over the activations, and when to fuse them with ``torch.compile``.
 
 Training ON reads the activations twice forward (statistics, then output) and twice
-backward (two sums, then the input gradient), like BatchNorm. Written as separate eager
-ops each pass becomes several, so on CPU the four functions below are compiled by
-TorchInductor into one loop each (``ONORM_COMPILE=auto``, the default, does this for
+backward (two sums, then the input gradient), like BatchNorm. The four functions below are
+those passes; written as eager ops each becomes several, so on CPU the layer compiles its
+whole forward and backward (these passes plus the per-batch statistics) with TorchInductor
+into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for
 float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
-present; ``1`` compiles every float32 pass, ``0`` none). The eager and
-compiled versions are the same Python functions, so they compute the same thing.
+present, ``1`` for every float32 input, ``0`` never. Eager and compiled run the same
+Python functions, so they compute the same thing.
 
 All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
 shaped ``(N, C, 1)``. The clamp mask is recomputed from ``x`` in backward rather than
