@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from onorm_convert import errors
 from onorm_convert.checkpoint import make_checkpoint, save_checkpoint
 from onorm_convert.cli import app
+from onorm_convert.cli import main as cli_main
 from onorm_convert.convert import convert
 from onorm_convert.files import write_atomically
 from onorm_convert.load import build_arch
@@ -472,3 +473,21 @@ def test_real_processes_give_json_and_no_traceback(tmp_path):
         report = json.loads(done.stdout)
         assert done.returncode == report["exit_code"] == 2 and report["command"] == args[0] and not report["ok"]
         assert done.stderr.strip().splitlines() == [f"onorm {args[0]}: error: {report['error']['message']}"]
+
+
+@pytest.mark.parametrize(
+    "args, command, message",
+    [
+        (["export", "--bogus"], "export", "No such option: --bogus; see onorm export --help"),
+        (["convert"], "convert", "Missing argument 'model'; see onorm convert --help"),
+        (["nosuch"], None, "No such command 'nosuch'; see onorm --help"),
+    ],
+)
+def test_parser_usage_errors_follow_the_contract(capsys, args, command, message):
+    """The argument parser's own errors: one line on stderr, a JSON object under --json, exit 2."""
+    assert cli_main([*args, "--json"]) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["command"] == command and report["exit_code"] == 2 and not report["ok"]
+    assert report["error"]["message"] == message
+    assert err.strip().splitlines() == [f"onorm{' ' + command if command else ''}: error: {message}"]

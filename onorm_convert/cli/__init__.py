@@ -2,12 +2,6 @@
 
 from . import convert_cmd, inspect_cmd  # noqa: F401 - registers `onorm convert` and `onorm inspect`
 from . import export_cmd  # noqa: F401 - registers `onorm export`
-from .app import app
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
+from .app import app, main
 
 __all__ = ["app", "main"]

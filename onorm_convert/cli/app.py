@@ -87,21 +87,45 @@ def _caused_by_ctrl_c(err: BaseException | None) -> bool:
     return False
 
 
-def report_error(command: str, message: str, kind: str) -> dict[str, str]:
+def report_error(command: str | None, message: str, kind: str) -> dict[str, str]:
     """Print the failure's one line on stderr (``onorm COMMAND: error: ...``); returns the JSON ``error`` object."""
     first_line = message.strip().splitlines()[0] if message.strip() else kind
-    typer.echo(f"onorm {command}: error: {first_line}", err=True)
+    typer.echo(f"{' '.join(filter(None, ('onorm', command)))}: error: {first_line}", err=True)
     return {"type": kind, "message": message}
 
 
 def _fail(command: str, json_mode: bool, debug: bool, message: str, code: int, kind: str) -> None:
     if debug:
         traceback.print_exc()
+    _print_failure(command, json_mode, message, code, kind)
+    raise typer.Exit(code)
+
+
+def _print_failure(command: str | None, json_mode: bool, message: str, code: int, kind: str) -> None:
+    """The failure's stderr line, and under --json its JSON object on stdout."""
     error = report_error(command, message, kind)
     if json_mode:
         typer.echo(json.dumps({"command": command, "ok": False, "exit_code": code, "error": error}))
     sys.stdout.flush()
-    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a usage error from the argument parser follows the contract too.
+
+    The parser's own errors (unknown option, missing MODEL, ``--opset abc``) become one
+    line on stderr, a JSON object under ``--json``, and exit 2, like every other bad input.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return app(args=argv, prog_name="onorm", standalone_mode=False) or 0
+    except Exception as err:
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):  # not a parser (click) error
+            raise
+        known = typer.main.get_command(app).commands
+        command = argv[0] if argv and argv[0] in known else None
+        message = f"{err.format_message().rstrip('.')}; see {' '.join(filter(None, ('onorm', command)))} --help"
+        _print_failure(command, "--json" in argv, message, err.exit_code, type(err).__name__)
+        return err.exit_code
 
 
 def _show_version(value: bool) -> None:
