@@ -262,7 +262,7 @@ def check_conversion(original: nn.Module, converted: nn.Module, inputs: Sequence
             reference_off = _flat_outputs(run_model(original, inputs), "original (ECM off)")
             exact = _flat_outputs(run_model(converted, inputs), "converted (ECM off)")
     max_abs = max((_max_abs_diff(a, b) for a, b in _paired(reference, as_converted)), default=0.0)
-    rel = max((_max_abs_diff(a, b) / max(a.abs().max().item(), 1e-12) for a, b in _paired(reference_off, exact)), default=0.0)
+    rel = max((_max_abs_diff(a, b) / max(_max_abs(a), 1e-12) for a, b in _paired(reference_off, exact)), default=0.0)
     return ConversionCheck(max_abs, rel, rel <= EXACT_RTOL)
 
 
@@ -514,6 +514,9 @@ def _paired(reference: list[Tensor], other: list[Tensor]) -> list[tuple[Tensor, 
 
 
 def _max_abs_diff(a: Tensor, b: Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
+    return _max_abs(a.double() - b.double())
+
+
+def _max_abs(t: Tensor) -> float:
+    """``max|t|``; 0 for an empty output (a detector that found nothing)."""
+    return t.abs().max().item() if t.numel() else 0.0

@@ -32,7 +32,9 @@ class VerificationError(OnormError):
     exit_code = EXIT_MISMATCH
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none): for one-line errors."""
+def first_line(err: BaseException | str, fallback: str = "") -> str:
+    """The first line of a message or exception (else ``fallback``, or the exception's type name)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    if text:
+        return text.splitlines()[0]
+    return fallback or (type(err).__name__ if isinstance(err, BaseException) else "")

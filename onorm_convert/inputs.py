@@ -99,11 +99,14 @@ def _tensors_in(obj: Any, path: Path) -> list[Tensor]:
     return values
 
 
-def fit_inputs(tensors: Sequence[Tensor], shapes: Sequence[Sequence[int]], source: str) -> list[Tensor]:
-    """Check real inputs against the declared input shapes (any batch size); floats become float32.
+def fit_inputs(
+    tensors: Sequence[Tensor], shapes: Sequence[Sequence[int]], source: str, static_batch: bool = False
+) -> list[Tensor]:
+    """Check real inputs against the declared input shapes; floats become float32.
 
-    Raises BadInputError naming ``source`` when the count, a rank, a non-batch dimension or
-    a value (NaN/Inf) does not fit.
+    Any batch size fits, unless ``static_batch`` fixes it to the declared one. Raises
+    BadInputError naming ``source`` when the count, a rank, a dimension or a value
+    (NaN/Inf) does not fit.
     """
     if len(tensors) != len(shapes):
         raise BadInputError(f"{source}: holds {len(tensors)} arrays but the model takes {len(shapes)} inputs; give one array per input")
@@ -112,6 +115,11 @@ def fit_inputs(tensors: Sequence[Tensor], shapes: Sequence[Sequence[int]], sourc
         expected = "(N, " + ", ".join(map(str, shape[1:])) + ")" if len(shape) > 1 else "(N,)"
         if tensor.ndim != len(shape) or tuple(tensor.shape[1:]) != tuple(shape[1:]) or tensor.shape[0] == 0:
             raise BadInputError(f"{source}: input {index} has shape {tuple(tensor.shape)}, expected {expected}; save arrays of that shape")
+        if static_batch and tensor.shape[0] != shape[0]:
+            raise BadInputError(
+                f"{source}: input {index} has batch {tensor.shape[0]} but --static-batch fixes it to {shape[0]}; "
+                "drop --static-batch or give inputs of that batch"
+            )
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
             if not torch.isfinite(tensor).all():

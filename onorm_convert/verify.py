@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from .errors import first_line
+from .errors import BadInputError, first_line
 from .fold import strip_clamps
 from .inputs import random_inputs, run_model
 from .layers import OnlineNormBase
@@ -44,7 +44,9 @@ def flatten_outputs(output: Any, label: str = "output") -> Outputs:
 def tolerance_for(label: str, tolerance: Tolerance) -> float:
     """The tolerance that applies to output ``label``."""
     if isinstance(tolerance, Mapping):
-        return float(tolerance.get(label, tolerance["*"]))
+        if label not in tolerance and "*" not in tolerance:
+            raise BadInputError(f"no tolerance for output {label!r}: give one for it or a default under '*'")
+        return float(tolerance[label] if label in tolerance else tolerance["*"])
     return float(tolerance)
 
 

@@ -91,10 +91,14 @@ def assert_one_error_line(result, command: str, fragment: str) -> str:
     return lines[0]
 
 
+def _reject_non_standard(constant: str):
+    raise AssertionError(f"--json wrote {constant}, which strict JSON parsers reject")
+
+
 def assert_json_failure(result, command: str, code: int, kind: str, fragment: str) -> dict:
     """Exit ``code``; stdout is one JSON object saying so, with the error the stderr line shows."""
     assert result.exit_code == code, result.output
-    report = json.loads(result.stdout)  # one document: json.loads refuses trailing text
+    report = json.loads(result.stdout, parse_constant=_reject_non_standard)  # one strict document
     assert (report["command"], report["ok"], report["exit_code"], report["error"]["type"]) == (command, False, code, kind)
     assert fragment in report["error"]["message"]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith(f"onorm {command}: error: ")]
@@ -491,3 +495,24 @@ def test_parser_usage_errors_follow_the_contract(capsys, args, command, message)
     assert report["command"] == command and report["exit_code"] == 2 and not report["ok"]
     assert report["error"]["message"] == message
     assert err.strip().splitlines() == [f"onorm{' ' + command if command else ''}: error: {message}"]
+
+
+def test_the_inputs_file_is_an_input_too(tmp_path):
+    """`--inputs` may never be overwritten by the output, --force or not."""
+    inputs = tmp_path / "val.npy"
+    np.save(inputs, np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32))
+    before = inputs.read_bytes()
+    result = onorm("export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "--inputs", inputs, "-o", inputs, "--force")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "export", "may not be the input")
+    assert inputs.read_bytes() == before
+
+
+def test_static_batch_refuses_inputs_of_another_batch(tmp_path):
+    inputs = tmp_path / "val.npy"
+    np.save(inputs, np.zeros((3, 64), dtype=np.float32))
+    args = ("export", MLP, "--arch", MLP_ARCH, "--input-shape", "2,64", "--inputs", inputs, "--static-batch", "-o", tmp_path / "m.onnx")
+    result = onorm(*args)
+    assert result.exit_code == 2
+    assert_one_error_line(result, "export", "--static-batch fixes it to 2")
+    assert not (tmp_path / "m.onnx").exists()

@@ -290,3 +290,21 @@ def test_check_refuses_non_finite_outputs_and_restores_modes():
     with pytest.raises(VerificationError, match="NaN or Inf"):
         check_conversion(model, converted, [torch.full((2, 3), float("inf"))])
     assert model.training and converted.training and converted[1].ecm == "clamp"
+
+
+def test_check_conversion_accepts_empty_outputs():
+    """A detector that finds nothing returns empty tensors; the check still compares (nothing)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            y = self.body(x)
+            return y[y > 1e6]  # empty
+
+    original = Detector()
+    check = check_conversion(original, convert(original), [torch.randn(3, 4)])
+    assert check.exact and check.max_abs_diff == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, OnormError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, OnormError, first_line
 
 app = typer.Typer(
     name="onorm",
@@ -54,7 +55,7 @@ def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Cons
     except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         _fail(command, json_mode, debug, *failure(err))
     if json_mode:
-        typer.echo(json.dumps({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2, default=str))
+        typer.echo(to_json({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2))
     raise typer.Exit(code)
 
 
@@ -89,8 +90,7 @@ def _caused_by_ctrl_c(err: BaseException | None) -> bool:
 
 def report_error(command: str | None, message: str, kind: str) -> dict[str, str]:
     """Print the failure's one line on stderr (``onorm COMMAND: error: ...``); returns the JSON ``error`` object."""
-    first_line = message.strip().splitlines()[0] if message.strip() else kind
-    typer.echo(f"{' '.join(filter(None, ('onorm', command)))}: error: {first_line}", err=True)
+    typer.echo(f"{' '.join(filter(None, ('onorm', command)))}: error: {first_line(message, kind)}", err=True)
     return {"type": kind, "message": message}
 
 
@@ -101,11 +101,26 @@ def _fail(command: str, json_mode: bool, debug: bool, message: str, code: int, k
     raise typer.Exit(code)
 
 
+def to_json(report: dict[str, Any], indent: int | None = None) -> str:
+    """Strict JSON: a non-finite figure (a NaN error) becomes ``null``, which every parser reads."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        return value
+
+    return json.dumps(strict(report), indent=indent, default=str, allow_nan=False)
+
+
 def _print_failure(command: str | None, json_mode: bool, message: str, code: int, kind: str) -> None:
     """The failure's stderr line, and under --json its JSON object on stdout."""
     error = report_error(command, message, kind)
     if json_mode:
-        typer.echo(json.dumps({"command": command, "ok": False, "exit_code": code, "error": error}))
+        typer.echo(to_json({"command": command, "ok": False, "exit_code": code, "error": error}))
     sys.stdout.flush()
 
 

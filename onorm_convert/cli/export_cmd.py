@@ -70,8 +70,9 @@ def export(
         shapes = shapes or loaded.input_shapes
         if not shapes:
             raise BadInputError(f"{model}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224")
-        destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), [model], force)
-        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {inputs}")
+        sources = [model] if inputs is None else [model, inputs]
+        destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), sources, force)
+        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {inputs}", static_batch)
         options = dict(
             strip_clamp=strip_clamp, dynamic_batch=not static_batch, verify=not no_verify, atol=atol, rtol=rtol,
             real_inputs=real, keep_failed=keep_failed, progress=console.progress,
