@@ -338,11 +338,14 @@ def _save_torch_program(model: nn.Module, example_inputs: Sequence[Tensor], path
 
 
 def _torch_program_runner(path: Path) -> tuple[Callable[[Sequence[Tensor]], list], str]:
-    """Run the saved program at ``path`` as a fresh load would (no unpickling)."""
-    module = torch.export.load(io.BytesIO(path.read_bytes())).module()
+    """Run the saved program at ``path`` as a fresh load would (no unpickling); loaded at the first run,
+    so a program that does not load fails verification like a wrong output."""
+    loaded: list[nn.Module] = []
 
     def run(inputs: Sequence[Tensor]) -> list:
+        if not loaded:
+            loaded.append(torch.export.load(io.BytesIO(path.read_bytes())).module())
         with torch.no_grad():
-            return [value for _, value in flatten_outputs(module(*inputs))]
+            return [value for _, value in flatten_outputs(loaded[0](*inputs))]
 
     return run, f"torch.export program (torch {torch.__version__})"

@@ -289,10 +289,11 @@ def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[str, int]) ->
     modules = dict(gm.named_modules())
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     shared = _shared_weights(gm)
-    steps = []
+    steps, seen = [], set()
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], NORM_TYPES):
-            continue
+        if node.op != "call_module" or not isinstance(modules[node.target], NORM_TYPES) or node.target in seen:
+            continue  # a norm called twice is one layer: one step (it cannot fold, see _producer_or_reason)
+        seen.add(node.target)
         norm, name, kind = modules[node.target], node.target, type(modules[node.target]).__name__
         if (reason := unfoldable_reason(norm)) is not None:
             steps.append(FoldStep(name, kind, KEPT, None, "none", reason))

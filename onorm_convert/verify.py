@@ -143,13 +143,20 @@ def verification_batches(
 
 
 def onnxruntime_runner(path: Path) -> tuple[Callable[[Sequence[Tensor]], list[np.ndarray]], str]:
-    """A function running the ONNX file at ``path`` on onnxruntime's CPU provider, and its description."""
+    """A function running the ONNX file at ``path`` on onnxruntime's CPU provider, and its description.
+
+    The session is created at the first run, so a file the runtime refuses to load fails
+    verification (exit 1) just as a wrong output does.
+    """
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [node.name for node in session.get_inputs()]
+    session = None
 
     def run(inputs: Sequence[Tensor]) -> list[np.ndarray]:
+        nonlocal session
+        if session is None:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [node.name for node in session.get_inputs()]
         return session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)})
 
     return run, f"onnxruntime {onnxruntime.__version__} (CPU)"

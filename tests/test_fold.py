@@ -258,3 +258,22 @@ def test_fold_matches_eval_on_random_stacks(stack, strip: bool, seed: int) -> No
         expected = reference(x)
         scale = max(1.0, float(expected.abs().max()))
         assert float((folded(x) - expected).abs().max()) <= TOL * scale
+
+
+def test_a_norm_called_twice_is_one_step_and_stays_exact():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4).eval()
+            with torch.no_grad():
+                self.norm.running_mean.normal_()
+                self.norm.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            return self.norm(self.norm(x))
+
+    model = Twice().eval()
+    folded, report = fold_with_report(model)
+    assert [step.norm for step in report.steps] == ["norm"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
