@@ -29,6 +29,10 @@ FORMAT_TAG = "onorm_convert.checkpoint"
 FORMAT_VERSION = 1
 
 
+# The keyword arguments of onorm_convert.convert that a checkpoint records.
+CONVERSION_OPTIONS = frozenset({"ecm", "clamp_value", "alpha_fwd", "alpha_bkw", "include", "exclude", "frozen_bn"})
+
+
 def make_checkpoint(
     module: nn.Module,
     *,
@@ -71,8 +75,17 @@ def validate_checkpoint(obj: Mapping[str, Any], source: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}); upgrade onorm"
         )
     expected = {"arch": str, "arch_kwargs": Mapping, "conversion": Mapping, "input_shapes": list, "state_dict": Mapping}
+    shapes_ok = all(
+        isinstance(shape, (list, tuple)) and all(isinstance(d, int) and d > 0 for d in shape)
+        for shape in obj.get("input_shapes") or []
+    )
     for field, kind in expected.items():
-        if not isinstance(obj.get(field), kind):
+        malformed = (
+            not isinstance(obj.get(field), kind)
+            or (field == "conversion" and not set(obj[field]) <= CONVERSION_OPTIONS)
+            or (field == "input_shapes" and not shapes_ok)
+        )
+        if malformed:
             raise BadInputError(
                 f"{source}: onorm checkpoint field {field!r} is missing or malformed; the file is damaged, convert the model again"
             )

@@ -298,7 +298,12 @@ def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch
     module = build_arch(arch, kwargs)
     with warnings.catch_warnings():  # the notices were shown when the checkpoint was made
         warnings.simplefilter("ignore", ConversionWarning)
-        convert(module, inplace=True, example_shapes=shapes or None, **ckpt["conversion"])
+        try:
+            convert(module, inplace=True, example_shapes=shapes or None, **ckpt["conversion"])
+        except (TypeError, ValueError) as err:  # a recorded option of the wrong type
+            raise BadInputError(
+                f"{path}: onorm checkpoint field 'conversion' is malformed ({first_line(err)}); the file is damaged, convert the model again"
+            ) from err
     load_state_dict_checked(module, ckpt["state_dict"], path)
     info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"])}
     return LoadedModel(module, ONORM_CHECKPOINT, arch, kwargs, shapes, info)

@@ -251,3 +251,21 @@ def test_bad_arch_kwargs(text, message):
     with pytest.raises(BadInputError, match=message):
         parse_arch_kwargs(text)
     assert parse_arch_kwargs('{"num_classes": 10}') == {"num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("conversion", {"ecm": "clamp", "bogus": 1}),
+        ("conversion", {"alpha_fwd": "fast"}),
+        ("input_shapes", [["1", "3"]]),
+        ("input_shapes", [[0, 3]]),
+    ],
+)
+def test_damaged_checkpoint_fields_are_bad_input(tmp_path, arch, field, value):
+    converted = convert(trained(arch, width=5))
+    ckpt = make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"ecm": "clamp"}, input_shapes=[(2, 3)])
+    ckpt[field] = value
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(BadInputError, match=f"field '{field}' is missing or malformed|field '{field}' is malformed"):
+        read_model(tmp_path / "c.pt")
