@@ -43,6 +43,12 @@ class Console:
         typer.echo(f"onorm: warning: {text}", err=True)
 
 
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, with the header first."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+
+
 def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Console], tuple[int, dict[str, Any]]]) -> None:
     """Run ``body(console) -> (exit_code, report)`` and exit with the pipeline contract.
 

@@ -16,7 +16,7 @@ from ..files import check_output_path, write_atomically
 from ..inputs import random_inputs
 from ..layers import normalize_ecm
 from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
-from .app import Console, app, report_error, run_command
+from .app import Console, app, format_table, report_error, run_command
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -139,9 +139,3 @@ def _print_table(console: Console, changes: list[LayerChange]) -> None:
     ]
     for line in format_table(TABLE_COLUMNS, rows):
         console.print(line)
-
-
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    """Left-aligned columns, two spaces apart, with the header first."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]

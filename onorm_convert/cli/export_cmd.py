@@ -11,8 +11,7 @@ from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
 from ..export import ONNX, TORCH, ExportMismatchError, ExportReport, check_opset, export_onnx, export_torch
 from ..files import check_output_path
 from ..inputs import fit_inputs, load_input_file, random_inputs
-from .app import Console, app, report_error, run_command
-from .convert_cmd import format_table
+from .app import Console, app, format_table, report_error, run_command
 from .options import (
     ArchKwargsOpt,
     ArchOpt,

@@ -8,8 +8,7 @@ from ..convert import plan_conversion
 from ..errors import EXIT_OK
 from ..fold import fold_with_report
 from ..inputs import random_inputs
-from .app import Console, app, run_command
-from .convert_cmd import format_table
+from .app import Console, app, format_table, run_command
 from .options import ArchKwargsOpt, ArchOpt, DebugOpt, InputShapeOpt, JsonOpt, KeyOpt, ModelArg, TrustOpt, load_for_cli, parse_input_shapes
 
 TABLE_COLUMNS = ("module", "type", "channels", "convert", "export")
