@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import BadInputError, VerificationError
+from .fold import non_finite_state
 from .inputs import random_inputs, run_model
 from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
 
@@ -403,10 +404,8 @@ def _extra_behaviour(module: nn.Module) -> str:
 
 
 def _check_finite_stats(module: nn.Module, name: str) -> None:
-    for stat in ("running_mean", "running_var", "weight", "bias"):
-        value = getattr(module, stat, None)
-        if isinstance(value, Tensor) and not torch.isfinite(value).all():
-            raise BadInputError(f"'{name}': its {stat} contains NaN or Inf; the model is damaged, retrain or fix it before converting")
+    if (stat := non_finite_state(module)) is not None:
+        raise BadInputError(f"'{name}': its {stat} contains NaN or Inf; the model is damaged, retrain or fix it before converting")
 
 
 def _dimension(model: nn.Module, module: nn.Module, converter: Converter, observed: dict[nn.Module, int]) -> tuple[int, str]:

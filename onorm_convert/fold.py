@@ -109,6 +109,15 @@ class FoldReport:
         return asdict(self)
 
 
+def non_finite_state(norm: nn.Module) -> str | None:
+    """The first of ``running_mean``, ``running_var``, ``weight``, ``bias`` holding NaN/Inf, or None."""
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = getattr(norm, name, None)
+        if isinstance(value, Tensor) and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def frozen_norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     """Per-channel ``(scale, shift)``, in float64, equal to ``norm`` in eval mode before its ECM.
 
@@ -192,8 +201,7 @@ def unfoldable_reason(norm: nn.Module) -> str | None:
 def checked_affine(name: str, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """:func:`frozen_norm_affine`, refusing statistics or parameters that give NaN/Inf."""
     scale, shift = frozen_norm_affine(norm)
-    values = [t for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias, scale, shift) if t is not None]
-    if not all(torch.isfinite(t).all() for t in values):
+    if non_finite_state(norm) is not None or not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
         raise BadInputError(
             f"layer '{name}' ({type(norm).__name__}): its running statistics or affine parameters are not finite "
             "(NaN/Inf, or running_var + eps <= 0); the model file is corrupt: retrain or reconvert it"
