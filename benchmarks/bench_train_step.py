@@ -25,29 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import RESULTS_DIR, environment, interleaved_medians, write_json
+from common import RESULTS_DIR, BasicBlock, environment, interleaved_medians, write_json
 from onorm_convert import convert
 
 TARGETS = {"resnet18": 1.10, "mobilenet_v2": 1.30}
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convs with BatchNorm, identity or 1x1-conv shortcut."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.downsample = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + identity)
 
 
 def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:

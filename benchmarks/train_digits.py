@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import RESULTS_DIR, environment, write_json, write_text
+from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
 from onorm_convert.checkpoint import make_checkpoint, save_checkpoint
 from onorm_convert.fold import strip_clamps
 from onorm_convert.load import LoadedModel, read_model
@@ -101,32 +101,14 @@ def load_digits_split(limit: tuple[int, int] | None = None) -> DigitsSplit:
     )
 
 
-class ResidualBlock(nn.Module):
-    """Two 3x3 conv + BatchNorm2d, ReLU, with an identity or 1x1-conv + BatchNorm2d shortcut."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 def digits_resnet(width: int = 16) -> nn.Module:
     """Residual CNN for ``(N, 1, 8, 8)`` digits: stem, a block at 8x8, a block at 4x4, pooling, linear (10 classes)."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, 1, 1, bias=False),
         nn.BatchNorm2d(width),
         nn.ReLU(),
-        ResidualBlock(width, width, 1),
-        ResidualBlock(width, 2 * width, 2),
+        BasicBlock(width, width, 1),
+        BasicBlock(width, 2 * width, 2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(2 * width, 10),
