@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from .errors import BadInputError, VerificationError
 from .fold import non_finite_state
+from .verify import labelled_tensors
 from .inputs import random_inputs, run_model
 from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
 
@@ -496,7 +496,7 @@ class _ecm_off:
 
 
 def _flat_outputs(output: Any, which: str) -> list[Tensor]:
-    tensors = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, Tensor)]
+    tensors = [tensor for _, tensor in labelled_tensors(output)]
     if not tensors:
         raise VerificationError(f"the {which} model returned no tensor to compare")
     for index, tensor in enumerate(tensors):

@@ -30,15 +30,20 @@ Outputs = list[tuple[str, np.ndarray]]  # (label, value) per output, in flatteni
 Tolerance = float | Mapping[str, float]  # one for all outputs, or per output label (with "*" as the default)
 
 
-def flatten_outputs(output: Any, label: str = "output") -> Outputs:
+def labelled_tensors(output: Any, label: str = "output") -> list[tuple[str, Tensor]]:
     """The tensors of a (nested) tuple/list/dict output, labelled by their path, in pytree order."""
     if isinstance(output, Tensor):
-        return [(label, output.detach().cpu().numpy())]
+        return [(label, output)]
     if isinstance(output, (tuple, list)):
-        return [item for index, value in enumerate(output) for item in flatten_outputs(value, f"{label}[{index}]")]
+        return [item for index, value in enumerate(output) for item in labelled_tensors(value, f"{label}[{index}]")]
     if isinstance(output, Mapping):
-        return [item for key, value in output.items() for item in flatten_outputs(value, f"{label}[{key!r}]")]
+        return [item for key, value in output.items() for item in labelled_tensors(value, f"{label}[{key!r}]")]
     return []  # constants (None, numbers) are not graph outputs
+
+
+def flatten_outputs(output: Any, label: str = "output") -> Outputs:
+    """:func:`labelled_tensors` as numpy arrays, the form every runtime's outputs are compared in."""
+    return [(name, tensor.detach().cpu().numpy()) for name, tensor in labelled_tensors(output, label)]
 
 
 def tolerance_for(label: str, tolerance: Tolerance) -> float:
