@@ -5,6 +5,8 @@ Imported by test modules as ``from conftest import ...`` (``tests/`` is on ``sys
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -22,6 +24,18 @@ def eager_kernels():
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONORM_COMPILE", "0")
+        yield
+
+
+@contextlib.contextmanager
+def native_dense(enabled: bool):
+    """Dense layers on the native kernel (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
+
+    The tests' tensors stay below torch.compile's size threshold either way, so every
+    other layer runs eager ops.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONORM_COMPILE", "auto" if enabled else "0")
         yield
 
 

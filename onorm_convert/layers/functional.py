@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats
+from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats, use_native_dense
+from .native import dense_backward, dense_forward
 from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
@@ -67,18 +68,22 @@ class OnlineNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
-        mean0 = state.mean.to(dtype, copy=True)  # a snapshot: state.mean is advanced below
+        # Snapshots: the state is advanced below.
+        mean0, var0 = state.mean.to(dtype, copy=True), state.var.to(dtype, copy=True)
         # Detached: the compiled passes treat a Parameter's shape as static (one compile per width).
         gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
         offset = torch.zeros_like(mean0) if bias is None else bias.detach().to(dtype)
         limit = math.inf if clamp_value is None else float(clamp_value)
-        z, mean_last, var_last, saved = kernel(forward_pass, x3)(
-            x3, mean0, state.var.to(dtype), gamma, offset, alpha_fwd, eps, limit
-        )
+        ctx.native = use_native_dense(x3)
+        if ctx.native:  # saves nothing per sample: its backward recomputes the forward state from var0
+            z, mean_last, var_last = dense_forward(x3[:, :, 0], mean0, var0, gamma, offset, alpha_fwd, eps, limit)
+            saved = (var0,)
+        else:
+            z, mean_last, var_last, saved = kernel(forward_pass, x3)(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
         ctx.save_for_backward(x, mean0, gamma, offset, *saved)
-        ctx.state, ctx.alpha_bkw, ctx.limit = state, alpha_bkw, limit
+        ctx.state, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit = state, alpha_fwd, alpha_bkw, eps, limit
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # detach(): the same memory without the view relation autograd forbids for a Function's
@@ -93,9 +98,14 @@ class OnlineNormFunction(torch.autograd.Function):
         dtype = mean0.dtype
         x3 = _as_channels_by_positions(x, dtype)
         g3 = _as_channels_by_positions(grad_out, dtype)
-        grad_x, grad_weight, grad_bias, u_last, v_last = kernel(backward_pass, x3)(
-            g3, x3, mean0, gamma, offset, *saved, state.u.to(dtype), state.v.to(dtype), ctx.alpha_bkw, ctx.limit
-        )
+        u0, v0 = state.u.to(dtype), state.v.to(dtype)
+        if ctx.native:
+            args = (mean0, *saved, gamma, offset, u0, v0, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit)
+            grads_and_state = dense_backward(g3[:, :, 0], x3[:, :, 0], *args)
+        else:
+            args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit)
+            grads_and_state = kernel(backward_pass, x3)(g3, x3, *args)
+        grad_x, grad_weight, grad_bias, u_last, v_last = grads_and_state
         state.u.copy_(u_last)
         state.v.copy_(v_last)
         grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)

@@ -1,4 +1,4 @@
-"""The passes over the activations, and when to fuse them with ``torch.compile``.
+"""The passes over the activations, and when to run compiled code instead of eager ops.
 
 Training ON reads the activations twice forward (statistics, then output) and twice
 backward (two sums, then the input gradient), like BatchNorm. The four functions below are
@@ -7,7 +7,9 @@ whole forward and backward (these passes plus the per-batch statistics) with Tor
 into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for
 float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
 present, ``1`` for every float32 input, ``0`` never. Eager and compiled run the same
-Python functions, so they compute the same thing.
+Python functions, so they compute the same thing. Dense activations (one position per
+sample) instead take the native kernel of :mod:`.native` where :func:`use_native_dense`
+says so; ``ONORM_COMPILE=0`` turns that off too.
 
 All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
 shaped ``(N, C, 1)``. The clamp mask is recomputed from ``x`` in backward rather than
@@ -24,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from . import native
 
 
 def spatial_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,13 +71,27 @@ _compiled: dict = {}  # function -> its compiled version, or False once compilin
 COMPILE_MIN_ELEMENTS = 1 << 16
 
 
-def _compile_wanted(x: Tensor) -> bool:
+def _compile_setting() -> str:
+    """``ONORM_COMPILE``: ``"auto"``, ``"0"`` (no compiled code at all) or anything else (compile)."""
     setting = os.environ.get("ONORM_COMPILE", "auto").lower()
-    if setting in ("0", "false", "off", "no") or x.dtype != torch.float32:
+    return "0" if setting in ("0", "false", "off", "no") else setting
+
+
+def _compile_wanted(x: Tensor) -> bool:
+    setting = _compile_setting()
+    if setting == "0" or x.dtype != torch.float32:
         return False
     if setting == "auto":
         return x.device.type == "cpu" and x.numel() >= COMPILE_MIN_ELEMENTS and _have_compiler()
     return True
+
+
+def use_native_dense(x3: Tensor) -> bool:
+    """Whether activations ``x3`` (``(N, C, S)``) take the native dense kernel: ``S == 1``, CPU, float32/64.
+
+    Any size: the kernel is built once per machine, not per shape, and has no per-op overhead.
+    """
+    return x3.shape[2] == 1 and _compile_setting() != "0" and native.supports(x3)
 
 
 @functools.cache

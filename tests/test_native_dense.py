@@ -1,0 +1,161 @@
+"""The native dense kernel (``layers/dense_kernel.cpp``): exact against the reference, lean, and optional.
+
+The reference matrix of ``test_layers.py`` and the property tests already run dense
+layers on both implementations; here: the benchmark's shape, odd layouts, what a training
+step keeps for backward, and what happens where the kernel cannot be built.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+
+import pytest
+import torch
+
+from conftest import assert_matches, layer_step, native_dense, reference_of, reference_step
+from onorm_convert import OnlineNorm1d
+from onorm_convert.layers import native
+from onorm_convert.layers.kernels import use_native_dense
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a step's operations
+
+
+@pytest.fixture
+def fresh_library():
+    """Forget the loaded library before and after: the test builds its own (or fails to)."""
+    native.dense_library.cache_clear()
+    yield
+    native.dense_library.cache_clear()
+
+
+@needs_compiler
+def test_the_kernel_is_built_and_chosen_for_dense_cpu_activations():
+    assert native.dense_library() is not None
+    dense, sequence = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
+    with native_dense(True):
+        assert use_native_dense(dense) and use_native_dense(dense.double())
+        assert not use_native_dense(sequence) and not use_native_dense(dense.half())
+    with native_dense(False):  # ONORM_COMPILE=0: no compiled code at all
+        assert not use_native_dense(dense)
+
+
+@needs_compiler
+def test_benchmark_shape_matches_the_reference_over_three_steps():
+    """(256, 1024) float32 at the default alphas: every output, gradient and state buffer."""
+    torch.manual_seed(0)
+    layer = OnlineNorm1d(1024)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    reference = reference_of(layer)
+    for step in range(3):
+        x, grad_out = torch.randn(256, 1024) * 2 + 1, torch.randn(256, 1024)
+        with native_dense(True):
+            actual = layer_step(layer, x, grad_out)
+        assert_matches(actual, reference_step(reference, x, grad_out), F32_RTOL, f"step {step}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("layout", ["transposed", "rank-3", "odd-width", "batch-1", "bfloat16"])
+def test_layouts_and_dtypes_match_the_reference(layout):
+    """Non-contiguous input, (N, C, 1), a channel count the kernel's blocks split unevenly, one sample, bfloat16."""
+    torch.manual_seed(1)
+    channels = 300 if layout == "odd-width" else 5  # blocks of 256 channels: one full, one of 44
+    batch = 1 if layout == "batch-1" else 40
+    x = torch.randn(batch, channels) * 2 + 1
+    if layout == "transposed":
+        x = torch.randn(channels, batch).t() * 2 + 1
+    elif layout == "rank-3":
+        x = x.unsqueeze(2)
+    elif layout == "bfloat16":
+        x = x.bfloat16()
+    grad_out = torch.randn(x.shape).to(x.dtype)
+    layer = OnlineNorm1d(channels, alpha_fwd=0.9, alpha_bkw=0.8, clamp_value=1.5)
+    reference = reference_of(layer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the blocks on two threads
+    try:
+        for step in range(3):
+            with native_dense(True):
+                actual = layer_step(layer, x, grad_out)
+            expected = reference_step(reference, x.float(), grad_out.float())
+            rtol = 1e-2 if x.dtype == torch.bfloat16 else F32_RTOL  # bfloat16 outputs: 8 bits of mantissa
+            assert_matches(actual, expected, rtol, f"{layout} step {step}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_compiler
+def test_a_training_step_keeps_nothing_of_the_activations_size_but_the_input():
+    """Backward recomputes the forward state: saved are x and four per-channel vectors (the scans keep 3 more x's)."""
+    batch, channels = 64, 8
+    saved = {}
+    for native_on in (True, False):
+        x = torch.randn(batch, channels, requires_grad=True)
+        with native_dense(native_on):
+            out = OnlineNorm1d(channels)(x)
+        saved[native_on] = sum(t.numel() for t in out.grad_fn.saved_tensors)
+    assert saved[True] == batch * channels + 4 * channels
+    assert saved[False] >= 4 * batch * channels
+
+
+@needs_compiler
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "scan"])
+def test_a_non_finite_gradient_where_the_clamp_cut_is_dropped(native_on):
+    """As torch.clamp's backward: a clamped output passes no gradient, not even a NaN."""
+    layer = OnlineNorm1d(2, clamp_value=1.0, affine=False)
+    x = torch.tensor([[0.5, 30.0], [0.2, -0.3]])  # sample 0, channel 1: z = 30, clamped
+    grad_out = torch.tensor([[1.0, float("nan")], [1.0, 1.0]])
+    expected = reference_step(reference_of(layer), x, grad_out)
+    with native_dense(native_on):
+        actual = layer_step(layer, x, grad_out)
+    assert all(torch.isfinite(t).all() for t in actual.values())
+    assert_matches(actual, expected, 1e-6)
+
+
+def _fake_compiler(tmp_path, stderr: str):
+    compiler = tmp_path / "fake-g++"
+    compiler.write_text(f"#!/bin/sh\necho '{stderr}' >&2\nexit 1\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    return compiler
+
+
+def test_a_failing_compiler_is_reported_with_its_error(tmp_path):
+    compiler = _fake_compiler(tmp_path, "dense_kernel.cpp:1: error: no such thing")
+    with pytest.raises(native.BuildError, match="error: no such thing"):
+        native.build(str(compiler), tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir()), "a failed build leaves nothing in the cache"
+
+
+@pytest.mark.usefixtures("fresh_library")
+def test_without_the_kernel_dense_layers_warn_once_and_train_on_the_scans(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path, "error: broken toolchain")))
+    monkeypatch.setenv("ONORM_CACHE_DIR", str(tmp_path / "cache"))
+    layer = OnlineNorm1d(3, alpha_fwd=0.9)
+    reference = reference_of(layer)
+    x, grad_out = torch.randn(8, 3), torch.randn(8, 3)
+    with pytest.warns(UserWarning, match=r"broken toolchain.*CXX naming a working C\+\+ compiler"):
+        actual = layer_step(layer, x, grad_out)
+    assert native.dense_library() is None  # decided once: no second warning, no second build
+    assert_matches(actual, reference_step(reference, x, grad_out), F32_RTOL)
+
+
+@needs_compiler
+@pytest.mark.usefixtures("fresh_library")
+def test_an_unwritable_cache_folder_is_reported(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ONORM_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
+    with pytest.warns(UserWarning, match="writable ONORM_CACHE_DIR"):
+        assert native.dense_library() is None
+
+
+@needs_compiler
+def test_a_build_is_reused_from_the_cache(tmp_path):
+    compiler = shutil.which("g++")
+    first = native.build(compiler, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover partial builds
