@@ -185,15 +185,20 @@ def test_extreme_activations_stay_finite(case, constant, offset):
         assert not bad, f"{layer} {shape} {dtype} step {step}: non-finite {bad}"
 
 
-@pytest.mark.parametrize("native", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason="layer bug: linear_scan forms inf * 0 = nan when decay products overflow")),
-], ids=["native", "scan"])  # fmt: skip
-def test_overflowing_decay_products_with_zero_increments(native):
-    """Every output clamped (no gradient reaches v): the exact v stays 0, however large the decays."""
+@pytest.mark.parametrize("cls, shape, native", [
+    (OnlineNorm1d, (10, 1), True),
+    (OnlineNorm1d, (10, 1), False),
+    (OnlineNorm2d, (40, 1, 2, 2), False),  # over 16 samples: the blocked scan
+], ids=["dense-native", "dense-scan", "2d-scan"])  # fmt: skip
+def test_overflowing_decay_products_with_zero_increments(cls, shape, native):
+    """Every output clamped (no gradient reaches v): the exact v stays 0, however large the decays.
+
+    The scans' running products of decays of about -1e6 overflow to inf; times a zero state
+    they must give 0, as exact arithmetic does, not nan.
+    """
     torch.manual_seed(0)
-    layer = OnlineNorm1d(1, alpha_fwd=0.99999, alpha_bkw=0.5, affine=False, clamp_value=1.0)
-    x, grad_out = torch.randn(10, 1) * 1e4 + 3e4, torch.randn(10, 1)  # every |y| > 1: all clamped
+    layer = cls(1, alpha_fwd=0.99999, alpha_bkw=0.5, affine=False, clamp_value=1.0)
+    x, grad_out = torch.randn(shape) * 1e4 + 3e4, torch.randn(shape)  # every |y| > 1: all clamped
     expected = reference_step(reference_of(layer), x, grad_out)
     assert expected["v_ctrl"].abs().max() == 0
     with native_dense(native):
