@@ -2,7 +2,8 @@
 
 Exit codes (the pipeline contract, documented in docs/contract.md): 0 done (and verified,
 where the command verifies), 1 verification failed, 2 bad input or usage (including an
-output that cannot be written), 3 an internal error (a bug in onorm), 130 interrupted.
+output that cannot be written), 3 an internal error (a bug in onorm), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pipeline's timeout, a container stopping), raised where the program is.
+
+    A KeyboardInterrupt, so it unwinds exactly as Ctrl-C does: temp files are removed and
+    nothing is published.
+    """
 
 
 class OnormError(Exception):

@@ -281,6 +281,20 @@ def test_ctrl_c_during_export_exits_130_and_leaves_the_old_output_alone(tmp_path
     assert digests(out.parent, *SAMPLE_FILES) == before  # no temp file left, the old output and the input unchanged
 
 
+def test_sigterm_during_export_exits_143_and_leaves_the_old_output_alone(tmp_path):
+    """A pipeline's timeout or a stopping container sends SIGTERM: it unwinds as Ctrl-C does."""
+    out = tmp_path / "deploy" / "resnet.onnx"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous release")
+    before = digests(out.parent, *SAMPLE_FILES)
+    process = start("export", RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", out, "--force")
+    code, stderr = signal_after(process, "verifying against the PyTorch model", signal.SIGTERM)
+    assert code == errors.EXIT_TERMINATED, stderr
+    assert stderr.strip().splitlines()[-1] == "onorm export: error: terminated (SIGTERM); nothing was written"
+    assert "Traceback" not in stderr
+    assert digests(out.parent, *SAMPLE_FILES) == before  # no temp file left, the old output and the input unchanged
+
+
 def test_ctrl_c_during_convert_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "out.pt"
     # '1' is left as is with a warning; the check that follows runs 4 passes over a large batch (seconds).

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, OnormError, first_line
+from ..errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    OnormError,
+    Terminated,
+    first_line,
+)
 
 app = typer.Typer(
     name="onorm",
@@ -68,13 +80,16 @@ def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Cons
 def failure(err: BaseException) -> tuple[str, int, str]:
     """The ``(message, exit code, kind)`` of an exception that ended a command.
 
-    Ctrl-C exits 130, even when a library wrapped the KeyboardInterrupt (pybind11 turns
-    one during an import into ``ImportError("initialization failed")``); an
+    Ctrl-C exits 130 and SIGTERM 143, even when a library wrapped the KeyboardInterrupt
+    (pybind11 turns one during an import into ``ImportError("initialization failed")``); an
     :class:`OnormError` its own code; an :class:`OSError` (a file the system would not
     read or write) 2; anything else is a bug in onorm: 3.
     """
     kind = type(err).__name__
-    if _caused_by_ctrl_c(err):
+    interruption = _interruption(err)
+    if isinstance(interruption, Terminated):
+        return "terminated (SIGTERM); nothing was written", EXIT_TERMINATED, "Terminated"
+    if interruption is not None:
         return "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt"
     if isinstance(err, OnormError):
         return str(err), err.exit_code, kind
@@ -84,14 +99,32 @@ def failure(err: BaseException) -> tuple[str, int, str]:
     return f"internal error: {kind}: {err} (this is a bug in onorm; rerun with --debug and report it)", EXIT_INTERNAL, kind
 
 
-def _caused_by_ctrl_c(err: BaseException | None) -> bool:
+def _interruption(err: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C or :class:`Terminated`) that ``err`` is or was raised from, if any."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, KeyboardInterrupt):
-            return True
+            return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return False
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the CLI runs, SIGTERM raises :class:`Terminated` instead of killing the process outright."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report_error(command: str | None, message: str, kind: str) -> dict[str, str]:
@@ -138,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return app(args=argv, prog_name="onorm", standalone_mode=False) or 0
+        with _sigterm_unwinds():
+            return app(args=argv, prog_name="onorm", standalone_mode=False) or 0
     except Exception as err:
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):  # not a parser (click) error
             raise
