@@ -6,24 +6,37 @@ Imported by test modules as ``from conftest import ...`` (``tests/`` is on ``sys
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 
 import pytest
 import torch
 
-from onorm_convert.layers import STATE_BUFFERS
+from onorm_convert.layers import STATE_BUFFERS, kernels, native
 from reference import ReferenceOnlineNorm
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_kernel_cache(tmp_path_factory):
+    """Each test session builds the native dense kernel afresh in its own cache folder, as on a new machine."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONORM_CACHE_DIR", str(tmp_path_factory.mktemp("onorm-kernel-cache")))
+        native.dense_library.cache_clear()
+        yield
+    native.dense_library.cache_clear()
 
 
 @pytest.fixture(scope="module")
 def eager_kernels():
-    """Eager activation passes for a whole module (``ONORM_COMPILE=0``).
+    """No torch.compile for a whole module: the layers' passes run as eager ops.
 
     For tests over many shapes and layouts: each new one would recompile the
     torch.compile'd passes (seconds each). Eager and compiled passes are the same Python
     functions, so the math is the same; tests/test_layers.py covers the compiled path.
+    Dense layers still take the native kernel, built once per session.
     """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ONORM_COMPILE", "0")
+        patch.setattr(kernels, "COMPILE_MIN_ELEMENTS", float("inf"))
         yield
 
 
@@ -32,8 +45,11 @@ def native_dense(enabled: bool):
     """Dense layers on the native kernel (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
 
     The tests' tensors stay below torch.compile's size threshold either way, so every
-    other layer runs eager ops.
+    other layer runs eager ops. Where a C++ compiler is present the kernel must be there:
+    a failed build may not silently turn the native cases into scan cases.
     """
+    if enabled and shutil.which(os.environ.get("CXX", "g++")):
+        assert native.dense_library() is not None, "the native dense kernel did not build"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONORM_COMPILE", "auto" if enabled else "0")
         yield

@@ -217,3 +217,13 @@ def test_compiled_kernels_match_eager(monkeypatch, layout):
     for eager, compiled in zip(results["0"], results["1"]):
         # Two float32 evaluations that sum in different orders (channels_last most of all).
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["dense", "2d"])
+def test_differentiating_the_backward_again_is_an_error(shape):
+    """ON's backward is a controlled process, not a derivative: a gradient penalty must fail, not count as constant."""
+    layer = OnlineNorm1d(3) if len(shape) == 2 else OnlineNorm2d(3)
+    x = torch.randn(shape, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)  # grad_out depends on x
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()

@@ -7,6 +7,7 @@ step keeps for backward, and what happens where the kernel cannot be built.
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 
@@ -15,10 +16,10 @@ import torch
 
 from conftest import assert_matches, layer_step, native_dense, reference_of, reference_step
 from onorm_convert import OnlineNorm1d
-from onorm_convert.layers import native
+from onorm_convert.layers import STATE_BUFFERS, native
 from onorm_convert.layers.kernels import use_native_dense
 
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
 F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a step's operations
 
 
@@ -124,9 +125,11 @@ def _fake_compiler(tmp_path, stderr: str):
 
 def test_a_failing_compiler_is_reported_with_its_error(tmp_path):
     compiler = _fake_compiler(tmp_path, "dense_kernel.cpp:1: error: no such thing")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
     with pytest.raises(native.BuildError, match="error: no such thing"):
-        native.build(str(compiler), tmp_path / "cache")
-    assert not any((tmp_path / "cache").iterdir()), "a failed build leaves nothing in the cache"
+        native.build(str(compiler), cache)
+    assert not any(cache.iterdir()), "a failed build leaves nothing in the cache"
 
 
 @pytest.mark.usefixtures("fresh_library")
@@ -159,3 +162,88 @@ def test_a_build_is_reused_from_the_cache(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.build(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover partial builds
+
+
+@needs_compiler
+def test_per_channel_tensors_of_the_wrong_size_are_refused_not_overrun():
+    """The kernel would read and write C values through each pointer: a short tensor must raise first."""
+    x, short = torch.randn(4, 300), torch.ones(1)
+    full = torch.ones(300)
+    with pytest.raises(ValueError, match=r"shape \(1,\).*300 channels"):
+        native.dense_forward(x, full, full, short, full, 0.9, 1e-5, 5.0)
+    with pytest.raises(ValueError, match="300 channels"):
+        native.dense_backward(x, x, full, full, full, full, full, short, 0.9, 0.9, 1e-5, 5.0)
+
+
+@needs_compiler
+def test_strided_parameters_give_what_the_scans_give():
+    """Weight and bias as views with stride 2 (e.g. via torch.func.functional_call) are read correctly."""
+    pairs = torch.randn(5, 2)
+    params = {"weight": pairs[:, 0], "bias": pairs[:, 1]}
+    x, grad_out = torch.randn(6, 5), torch.randn(6, 5)
+    results = []
+    for native_on in (True, False):
+        layer = OnlineNorm1d(5, alpha_fwd=0.9)
+        x_in = x.clone().requires_grad_(True)
+        with native_dense(native_on):
+            out = torch.func.functional_call(layer, params, (x_in,))
+            out.backward(grad_out)
+        results.append((out.detach(), x_in.grad))
+    for native_result, scan_result in zip(*results):
+        torch.testing.assert_close(native_result, scan_result, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("unsafe", ["folder writable by others", "library is a link"])
+def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe):
+    """The cached library is code this process runs: refuse a folder or file someone else could have planted."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    built = native.build(compiler, cache)
+    if unsafe == "folder writable by others":
+        cache.chmod(0o777)
+    else:
+        planted = tmp_path / "planted.so"
+        built.rename(planted)
+        built.symlink_to(planted)
+    with pytest.raises(native.BuildError, match="may not hold code to run"):
+        native.build(compiler, cache)
+
+
+def test_a_compiler_without_openmp_builds_once_and_then_reuses_it(tmp_path):
+    """The plain build is found in the cache without retrying the OpenMP one every time."""
+    real = shutil.which(os.environ.get("CXX", "g++"))
+    if real is None:
+        pytest.skip("needs a C++ compiler")
+    log = tmp_path / "calls.log"
+    compiler = tmp_path / "no-openmp-g++"
+    compiler.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        f'case " $* " in *" -fopenmp "*) echo "error: unsupported option -fopenmp" >&2; exit 1;; esac\nexec {real} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    first = native.build(str(compiler), cache)
+    compiles = lambda: [line for line in log.read_text().splitlines() if str(native.SOURCE) in line]  # noqa: E731
+    assert len(compiles()) == 1  # the OpenMP candidate failed its flag check before compiling
+    assert native.build(str(compiler), cache) == first and len(compiles()) == 1
+
+
+@needs_compiler
+def test_inside_a_compiled_model_the_layer_traces_and_agrees():
+    """torch.compile of a model cannot trace a foreign call: there the scans run, with the same results."""
+    torch.manual_seed(0)
+    x, grad_out = torch.randn(16, 8), torch.randn(16, 8)
+    results = []
+    for compiled in (False, True):
+        layer = OnlineNorm1d(8, alpha_fwd=0.9)
+        run = torch.compile(layer, backend="eager") if compiled else layer
+        x_in = x.clone().requires_grad_(True)
+        with native_dense(True):
+            out = run(x_in)
+            out.backward(grad_out)
+        results.append((out.detach(), x_in.grad, *(getattr(layer, name).clone() for name in STATE_BUFFERS)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,8 @@ constexpr int64_t kBlock = 256;
 template <typename F>
 void for_channel_blocks(int64_t channels, int threads, F body) {
     const int64_t blocks = (channels + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    const int team = blocks < threads ? int(blocks) : threads;  // no thread woken without a block
+#pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
         const int64_t c0 = block * kBlock;
         body(c0, c0 + kBlock < channels ? c0 + kBlock : channels);

@@ -4,7 +4,9 @@ The equations are those of ``shared/docs/online-norm.md``. Training mode treats 
 samples of a batch as a stream in index order. Every per-sample recurrence is linear
 in its state, so each is evaluated for the whole batch by :func:`linear_scan` on the
 ``(N, C)`` per-sample statistics; the activations themselves are read in two passes
-forward and two backward, as BatchNorm does (see :mod:`.kernels`).
+forward and two backward, as BatchNorm does (see :mod:`.kernels`). Dense activations on
+CPU take the native kernel instead (:mod:`.native`): one sequential pass each way,
+vectorized across channels, saving nothing per sample for backward.
 
 Notation (per sample ``t`` and channel): ``m``/``s`` are the spatial mean and biased
 variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the sample,
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats, use_native_dense
 from .native import dense_backward, dense_forward
@@ -91,6 +94,7 @@ class OnlineNormFunction(torch.autograd.Function):
         return z.reshape(x.shape).detach().to(out_dtype)
 
     @staticmethod
+    @once_differentiable  # ON's backward is not a derivative: differentiating it again raises
     @_without_autocast
     def backward(ctx, grad_out):
         x, mean0, gamma, offset, *saved = ctx.saved_tensors

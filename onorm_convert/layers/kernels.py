@@ -1,7 +1,7 @@
 """The passes over the activations, and when to run compiled code instead of eager ops.
 
-Training ON reads the activations twice forward (statistics, then output) and twice
-backward (two sums, then the input gradient), like BatchNorm. The four functions below are
+On the scan path, training ON reads the activations twice forward (statistics, then
+output) and twice backward (two sums, then the input gradient), like BatchNorm. The four functions below are
 those passes; written as eager ops each becomes several, so on CPU the layer compiles its
 whole forward and backward (these passes plus the per-batch statistics) with TorchInductor
 into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for

@@ -8,8 +8,9 @@ a training step then stores nothing of the activations' size besides the input.
 
 The library is compiled with the C++ compiler TorchInductor uses (``$CXX``, default
 ``g++``), like Inductor's own kernels, and cached under ``$ONORM_CACHE_DIR`` (default
-``~/.cache/onorm``) keyed by source, flags and CPU. Where that fails the layer keeps the
-scan implementation (one warning says why).
+``~/.cache/onorm``, private to the user) keyed by source, compiler, flags and CPU. Without
+a compiler the layer keeps the scan implementation; where the build fails it does too,
+and one warning says why.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -42,8 +43,17 @@ _SIGNATURES = {
 
 
 def supports(x: Tensor) -> bool:
-    """Whether the native kernel can run activations like ``x``: CPU, float32 or float64."""
-    return x.device.type == "cpu" and x.dtype in _TYPES and dense_library() is not None
+    """Whether the native kernel can run activations like ``x``: CPU, float32 or float64, eager.
+
+    Inside a graph being compiled (``torch.compile`` of a model) the scans run instead:
+    they trace, a foreign function call does not.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _TYPES
+        and not torch.compiler.is_compiling()
+        and dense_library() is not None
+    )
 
 
 def dense_forward(x, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
@@ -53,6 +63,7 @@ def dense_forward(x, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, l
     :func:`dense_backward` recomputes what it needs from ``mean0`` and ``var0``.
     """
     x = x.contiguous()
+    mean0, var0, gamma, offset = _per_channel(x, mean0, var0, gamma, offset)
     z = torch.empty_like(x)
     mean_last, var_last = torch.empty_like(mean0), torch.empty_like(var0)
     _call("onorm_dense_forward", x, z, *x.shape, mean0, var0, gamma, offset, alpha_fwd, eps, limit, mean_last, var_last)
@@ -62,6 +73,7 @@ def dense_forward(x, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, l
 def dense_backward(grad, x, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit):
     """Training backward of ``(N, C)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``."""
     grad, x = grad.contiguous(), x.contiguous()
+    mean0, var0, gamma, offset, u0, v0 = _per_channel(x, mean0, var0, gamma, offset, u0, v0)
     grad_x = torch.empty_like(x)
     u_last, v_last = u0.clone(), v0.clone()  # advanced in place by the kernel
     grad_weight, grad_bias = torch.empty_like(gamma), torch.empty_like(gamma)
@@ -70,13 +82,27 @@ def dense_backward(grad, x, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha
     return grad_x, grad_weight, grad_bias, u_last, v_last
 
 
+def _per_channel(x: Tensor, *vectors: Tensor) -> list[Tensor]:
+    """``vectors`` as contiguous ``(C,)`` tensors of ``x``'s dtype; a ValueError for any other size.
+
+    The kernel reads and writes ``C`` values through each pointer: a wrong size would be
+    out-of-bounds memory access, not an exception.
+    """
+    channels = x.shape[1]
+    for vector in vectors:
+        if vector.shape != (channels,) or vector.dtype != x.dtype:
+            raise ValueError(f"per-channel tensor of shape {tuple(vector.shape)} ({vector.dtype}) for {channels} channels ({x.dtype})")
+    return [vector.contiguous() for vector in vectors]
+
+
 def _call(name: str, *args) -> None:
-    """Call ``name`` for the dtype of the first tensor; tensors must be contiguous and of that dtype."""
+    """Call ``name`` for the dtype of the first tensor (every tensor checked contiguous, of that dtype)."""
     dtype = args[0].dtype
     pointers = []
     for arg in args:
         if isinstance(arg, Tensor):
-            assert arg.dtype == dtype and arg.is_contiguous(), (name, arg.dtype, arg.shape)
+            if arg.dtype != dtype or not arg.is_contiguous():
+                raise ValueError(f"{name}: a {arg.dtype} tensor of strides {arg.stride()} where contiguous {dtype} is needed")
             pointers.append(arg.data_ptr())
         else:
             pointers.append(arg)
@@ -85,16 +111,20 @@ def _call(name: str, *args) -> None:
 
 @functools.cache
 def dense_library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (with one warning) where it cannot be built."""
+    """The built kernel library, or None where it cannot be had.
+
+    No C++ compiler: None, silently, as TorchInductor's policy (the layer keeps the scans).
+    A compiler that fails, or a cache folder that cannot be used: None with one warning.
+    """
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return None
     try:
         library = ctypes.CDLL(str(build(compiler, _cache_dir())))
-    except (OSError, subprocess.SubprocessError, BuildError) as err:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # BuildError is a RuntimeError
         warnings.warn(
             f"onorm: native dense kernel unavailable ({err}); using the slower scan implementation "
-            "(a writable ONORM_CACHE_DIR, or CXX naming a working C++ compiler, fixes this)",
+            "(a private, writable ONORM_CACHE_DIR, or CXX naming a working C++ compiler, fixes this)",
             stacklevel=2,
         )
         return None
@@ -106,48 +136,79 @@ def dense_library() -> ctypes.CDLL | None:
 
 
 class BuildError(RuntimeError):
-    """The compiler rejected the kernel source."""
+    """The kernel cannot be built or cached here (compiler error, unsafe cache folder)."""
 
 
 def build(compiler: str, cache_dir: Path) -> Path:
-    """Compile ``SOURCE`` into ``cache_dir`` unless a build for this source, flags and CPU is there."""
-    source = SOURCE.read_bytes()
-    errors = []
-    for extra in (OPENMP, ()):
-        flags = FLAGS + extra
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), *(f.encode() for f in flags), _cpu_identity()]))
-        target = cache_dir / f"onorm_dense_{key.hexdigest()[:20]}.so"
+    """Compile ``SOURCE`` into ``cache_dir`` unless a build for this source, compiler, flags and CPU is there.
+
+    The OpenMP build is preferred; where the compiler lacks OpenMP the plain one is used
+    (its kernel runs on one thread). Every candidate is looked up before anything compiles.
+    """
+    _check_private(cache_dir)
+    candidates, errors = [], []
+    for flags in (FLAGS + OPENMP, FLAGS):
+        try:
+            candidates.append((flags, cache_dir / f"onorm_dense_{_build_key(compiler, flags)}.so"))
+        except BuildError as err:  # e.g. no OpenMP
+            errors.append(str(err))
+    for _, target in candidates:
         if target.exists():
+            _check_private(target)
             return target
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    for flags, target in candidates:
         # Built beside the target and renamed into place: concurrent builds never see half a file.
         fd, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache_dir)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(partial, target)
                 return target
-            errors.append(next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()))
+            errors.append(f"{compiler} failed: {_error_line(done.stderr, done.returncode)}")
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    raise BuildError(f"{compiler} failed: {errors[-1]}")
+    raise BuildError(errors[-1])
+
+
+def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
+    """A hash of the source, the compiler and flags, and what they mean on this machine.
+
+    The compiler's predefined macros under these flags name its version and every
+    instruction set ``-march=native`` enables here: a cache shared between machines never
+    hands one a build for another's CPU.
+    """
+    macros = subprocess.run(
+        [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60
+    )  # fmt: skip
+    if macros.returncode != 0:
+        raise BuildError(f"{compiler} failed: {_error_line(macros.stderr, macros.returncode)}")
+    parts = [SOURCE.read_bytes(), compiler.encode(), *(f.encode() for f in flags), macros.stdout.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _error_line(stderr: str, returncode: int) -> str:
+    """The compiler's first line mentioning an error (else its first line, else its exit status)."""
+    lines = stderr.strip().splitlines()
+    return next((line for line in lines if "error" in line), lines[0] if lines else f"exit status {returncode}")
 
 
 def _cache_dir() -> Path:
+    """``$ONORM_CACHE_DIR``, else ``$XDG_CACHE_HOME/onorm``, else ``~/.cache/onorm``; created private (0700)."""
     configured = os.environ.get("ONORM_CACHE_DIR")
     if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onorm"
+        folder = Path(configured)
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onorm"  # Path.home(): RuntimeError
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
-def _cpu_identity() -> bytes:
-    """What ``-march=native`` depends on: the architecture and, on Linux, the CPU's feature flags."""
-    identity = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            identity += next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        identity += platform.processor()
-    return identity.encode()
+def _check_private(path: Path) -> None:
+    """Refuse a cache folder or library that another user could have written: it is code we would run."""
+    if not hasattr(os, "getuid"):
+        return
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BuildError(f"{path} is a link, not owned by this user, or writable by others; it may not hold code to run")

@@ -13,9 +13,11 @@ Every Online Normalization state update has the form ``s_t = a_t * s_{t-1} + b_t
   ``O(N log N)``.
 
 Only products of decays are formed, never quotients, so decays whose running product
-underflows to zero (long streams, small alphas) stay exact. Products of decays are held
-finite (per-step decays far below -1 overflow them), so that one multiplying a zero state
-or increment gives zero, as exact arithmetic does, not ``inf * 0 = nan``.
+underflows to zero (long streams, small alphas) stay exact. Products of decays that
+overflow (per-step decays far below -1) are clamped to the dtype's largest value, so that
+one multiplying a zero state or increment gives zero, as exact arithmetic does, not
+``inf * 0 = nan``. Where the exact result needs such a product times a nonzero value no
+product-based evaluation is right (the ill-conditioned regime of README's Limits).
 """
 
 from __future__ import annotations
