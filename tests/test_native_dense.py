@@ -247,3 +247,18 @@ def test_inside_a_compiled_model_the_layer_traces_and_agrees():
         results.append((out.detach(), x_in.grad, *(getattr(layer, name).clone() for name in STATE_BUFFERS)))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.usefixtures("fresh_library")
+def test_no_home_folder_is_a_warning_not_a_crash(monkeypatch):
+    """A container user without a home (no $HOME, no passwd entry) still trains, on the scans."""
+    for name in ("ONORM_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
+    with pytest.warns(UserWarning, match="home directory"):
+        assert native.dense_library() is None
