@@ -6,8 +6,6 @@ Imported by test modules as ``from conftest import ...`` (``tests/`` is on ``sys
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 
 import pytest
 import torch
@@ -48,7 +46,7 @@ def native_dense(enabled: bool):
     other layer runs eager ops. Where a C++ compiler is present the kernel must be there:
     a failed build may not silently turn the native cases into scan cases.
     """
-    if enabled and shutil.which(os.environ.get("CXX", "g++")):
+    if enabled and native.cxx_compiler():
         assert native.dense_library() is not None, "the native dense kernel did not build"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONORM_COMPILE", "auto" if enabled else "0")

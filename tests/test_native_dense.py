@@ -7,8 +7,6 @@ step keeps for backward, and what happens where the kernel cannot be built.
 
 from __future__ import annotations
 
-import os
-import shutil
 import stat
 
 import pytest
@@ -19,16 +17,18 @@ from onorm_convert import OnlineNorm1d
 from onorm_convert.layers import STATE_BUFFERS, native
 from onorm_convert.layers.kernels import use_native_dense
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(native.cxx_compiler() is None, reason="needs a C++ compiler")
 F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a step's operations
 
 
 @pytest.fixture
 def fresh_library():
-    """Forget the loaded library before and after: the test builds its own (or fails to)."""
-    native.dense_library.cache_clear()
+    """Forget the compiler and library found before and after: the test builds its own (or fails to)."""
+    for cached in (native.cxx_compiler, native.dense_library):
+        cached.cache_clear()
     yield
-    native.dense_library.cache_clear()
+    for cached in (native.cxx_compiler, native.dense_library):
+        cached.cache_clear()
 
 
 @needs_compiler
@@ -157,7 +157,7 @@ def test_an_unwritable_cache_folder_is_reported(tmp_path, monkeypatch):
 
 @needs_compiler
 def test_a_build_is_reused_from_the_cache(tmp_path):
-    compiler = shutil.which("g++")
+    compiler = native.cxx_compiler()
     first = native.build(compiler, tmp_path)
     stamp = first.stat().st_mtime_ns
     assert native.build(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp
@@ -197,7 +197,7 @@ def test_strided_parameters_give_what_the_scans_give():
 @pytest.mark.parametrize("unsafe", ["folder writable by others", "library is a link"])
 def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe):
     """The cached library is code this process runs: refuse a folder or file someone else could have planted."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = native.cxx_compiler()
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     built = native.build(compiler, cache)
@@ -213,7 +213,7 @@ def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe):
 
 def test_a_compiler_without_openmp_builds_once_and_then_reuses_it(tmp_path):
     """The plain build is found in the cache without retrying the OpenMP one every time."""
-    real = shutil.which(os.environ.get("CXX", "g++"))
+    real = native.cxx_compiler()
     if real is None:
         pytest.skip("needs a C++ compiler")
     log = tmp_path / "calls.log"

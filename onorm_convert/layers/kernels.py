@@ -1,9 +1,9 @@
 """The passes over the activations, and when to run compiled code instead of eager ops.
 
 On the scan path, training ON reads the activations twice forward (statistics, then
-output) and twice backward (two sums, then the input gradient), like BatchNorm. The four functions below are
-those passes; written as eager ops each becomes several, so on CPU the layer compiles its
-whole forward and backward (these passes plus the per-batch statistics) with TorchInductor
+output) and twice backward (two sums, then the input gradient), like BatchNorm. The four
+functions below are those passes; written as eager ops each becomes several, so on CPU the
+layer compiles its whole forward and backward (these passes plus the per-batch statistics) with TorchInductor
 into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for
 float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
 present, ``1`` for every float32 input, ``0`` never. Eager and compiled run the same
@@ -18,9 +18,7 @@ stored: it costs arithmetic, not memory traffic, and survives an in-place ReLU o
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 
@@ -82,7 +80,7 @@ def _compile_wanted(x: Tensor) -> bool:
     if setting == "0" or x.dtype != torch.float32:
         return False
     if setting == "auto":
-        return x.device.type == "cpu" and x.numel() >= COMPILE_MIN_ELEMENTS and _have_compiler()
+        return x.device.type == "cpu" and x.numel() >= COMPILE_MIN_ELEMENTS and native.cxx_compiler() is not None
     return True
 
 
@@ -92,12 +90,6 @@ def use_native_dense(x3: Tensor) -> bool:
     Any size: the kernel is built once per machine, not per shape, and has no per-op overhead.
     """
     return x3.shape[2] == 1 and _compile_setting() != "0" and native.supports(x3)
-
-
-@functools.cache
-def _have_compiler() -> bool:
-    """Whether TorchInductor's C++ compiler is on PATH (looked up once: PATH walks are slow)."""
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def kernel(fn: Callable, x: Tensor) -> Callable:

@@ -110,13 +110,19 @@ def _call(name: str, *args) -> None:
 
 
 @functools.cache
+def cxx_compiler() -> str | None:
+    """The C++ compiler TorchInductor would use (``$CXX``, default ``g++``), or None; looked up once (PATH walks are slow)."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+@functools.cache
 def dense_library() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot be had.
 
     No C++ compiler: None, silently, as TorchInductor's policy (the layer keeps the scans).
     A compiler that fails, or a cache folder that cannot be used: None with one warning.
     """
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = cxx_compiler()
     if compiler is None:
         return None
     try:
