@@ -16,12 +16,12 @@ from reference import ReferenceOnlineNorm
 
 @pytest.fixture(scope="session", autouse=True)
 def private_kernel_cache(tmp_path_factory):
-    """Each test session builds the native dense kernel afresh in its own cache folder, as on a new machine."""
+    """Each test session builds the native kernels afresh in its own cache folder, as on a new machine."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONORM_CACHE_DIR", str(tmp_path_factory.mktemp("onorm-kernel-cache")))
-        native.dense_library.cache_clear()
+        native.library.cache_clear()
         yield
-    native.dense_library.cache_clear()
+    native.library.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def eager_kernels():
     For tests over many shapes and layouts: each new one would recompile the
     torch.compile'd passes (seconds each). Eager and compiled passes are the same Python
     functions, so the math is the same; tests/test_layers.py covers the compiled path.
-    Dense layers still take the native kernel, built once per session.
+    Dense and contiguous activations still take the native kernels, built once per session.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "COMPILE_MIN_ELEMENTS", float("inf"))
@@ -39,15 +39,16 @@ def eager_kernels():
 
 
 @contextlib.contextmanager
-def native_dense(enabled: bool):
-    """Dense layers on the native kernel (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
+def native_kernels(enabled: bool):
+    """Layers on the native kernels (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
 
-    The tests' tensors stay below torch.compile's size threshold either way, so every
-    other layer runs eager ops. Where a C++ compiler is present the kernel must be there:
-    a failed build may not silently turn the native cases into scan cases.
+    The tests' tensors stay below torch.compile's size threshold either way, so what does
+    not take the native kernels (channels_last) runs eager ops. Where a C++ compiler is
+    present the kernels must be there: a failed build may not silently turn the native
+    cases into scan cases.
     """
     if enabled and native.cxx_compiler():
-        assert native.dense_library() is not None, "the native dense kernel did not build"
+        assert native.library() is not None, "the native kernels did not build"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONORM_COMPILE", "auto" if enabled else "0")
         yield

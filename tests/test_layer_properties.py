@@ -4,8 +4,8 @@ Hypothesis draws the layer kind, shape, batch size, alphas, ECM, affine, dtype, 
 scale and starting state; every draw must match the float64 reference step by step.
 Also: splitting a batch into consecutive chunks changes nothing (the batch is a stream),
 extreme activations stay finite, and long batches with alpha near 1 or underflowing
-decay products stay exact. Dense layers are drawn on both implementations: the native
-kernel and the eager scans.
+decay products stay exact. Each draw runs on one of the two implementations: the native
+kernels or the eager scans.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
 
-from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_dense, reference_of, reference_step
+from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_kernels, reference_of, reference_step
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 
 KINDS = {  # name: (layer class, number of spatial dims)
@@ -50,7 +50,7 @@ practical_alphas = st.floats(0.5, 0.99999)
 @st.composite
 def layer_cases(draw, dtypes=(torch.float64, torch.float32), alpha=alphas, ecms=ECMS, random_state=True):
     """``(layer, input shape, dtype, generator, native)``: a layer with random settings, random or fresh
-    state, and whether a dense layer runs on the native kernel (else on the eager scans)."""
+    state, and whether it runs on the native kernels (else on the eager scans)."""
     kind = draw(st.sampled_from(sorted(KINDS)))
     cls, spatial_dims = KINDS[kind]
     channels = draw(st.integers(1, 4))
@@ -114,7 +114,7 @@ def test_every_step_matches_reference(case, steps, scale, near_offset, far_offse
             layer.running_var.mul_(scale**2)
     reference, loop = reference_of(layer), reference_of(layer, dtype)
     for step, (x, grad_out) in enumerate(random_batches(shape, dtype, generator, steps, scale, offset)):
-        with native_dense(native):
+        with native_kernels(native):
             actual = layer_step(layer, x, grad_out)
         assert all(t.dtype == dtype for t in actual.values())
         expected, context = reference_step(reference, x, grad_out), f"{layer} {shape} step {step}"
@@ -135,7 +135,7 @@ def test_splitting_a_batch_into_chunks_changes_nothing(case, cuts):
     layer, shape, _, generator, native = case
     ((x, grad_out),) = random_batches(shape, torch.float64, generator, 1, 2.0, 0.5)
     bounds = sorted({0, shape[0], *(c for c in cuts if c < shape[0])})
-    with native_dense(native):
+    with native_kernels(native):
         whole = layer_step(copy.deepcopy(layer), x, grad_out)
         pieces = [layer_step(layer, x[a:b], grad_out[a:b]) for a, b in zip(bounds, bounds[1:])]
     chunked = {name: torch.cat([p[name] for p in pieces]) for name in ("out", "grad_x")}
@@ -179,7 +179,7 @@ def test_extreme_activations_stay_finite(case, constant, offset):
         x, grad_out = x.to(dtype), grad_out.to(dtype)
         expected = reference_step(reference, x, grad_out)
         assume(max(t.abs().max().item() for t in expected.values()) < torch.finfo(dtype).max / 2)
-        with native_dense(native):
+        with native_kernels(native):
             result = layer_step(layer, x, grad_out)
         bad = [name for name, t in result.items() if not torch.isfinite(t).all()]
         assert not bad, f"{layer} {shape} {dtype} step {step}: non-finite {bad}"
@@ -189,7 +189,8 @@ def test_extreme_activations_stay_finite(case, constant, offset):
     (OnlineNorm1d, (10, 1), True),
     (OnlineNorm1d, (10, 1), False),
     (OnlineNorm2d, (40, 1, 2, 2), False),  # over 16 samples: the blocked scan
-], ids=["dense-native", "dense-scan", "2d-scan"])  # fmt: skip
+    (OnlineNorm2d, (40, 1, 2, 2), True),
+], ids=["dense-native", "dense-scan", "2d-scan", "2d-native"])  # fmt: skip
 def test_overflowing_decay_products_with_zero_increments(cls, shape, native):
     """Every output clamped (no gradient reaches v): the exact v stays 0, however large the decays.
 
@@ -201,7 +202,7 @@ def test_overflowing_decay_products_with_zero_increments(cls, shape, native):
     x, grad_out = torch.randn(shape) * 1e4 + 3e4, torch.randn(shape)  # every |y| > 1: all clamped
     expected = reference_step(reference_of(layer), x, grad_out)
     assert expected["v_ctrl"].abs().max() == 0
-    with native_dense(native):
+    with native_kernels(native):
         actual = layer_step(layer, x, grad_out)
     assert_matches(actual, expected, RTOL[torch.float32], "all clamped")
 
@@ -238,7 +239,8 @@ def test_constant_channel_at_1e4(dtype):
 @pytest.mark.parametrize("ecm", ["clamp", "layer_scaling"])
 @pytest.mark.parametrize("sample_shape, native, alpha_fwd, alpha_bkw", [
     pytest.param(shape, native, *alphas, id=f"{layout}-{name}")
-    for layout, shape, native in [("seq", (3, 4), False), ("dense-scan", (3,), False), ("dense-native", (3,), True)]
+    for layout, shape, native in [("seq-scan", (3, 4), False), ("seq-native", (3, 4), True),
+                                  ("dense-scan", (3,), False), ("dense-native", (3,), True)]
     for name, alphas in [("near-one", (0.99999, 0.99)), ("default-ish", (0.999, 0.999)),
                          ("underflowing", (0.5, 0.5)), ("no-memory", (0.0, 0.99999))]
     # Dense with alpha_fwd = 0: var stays 0, y ~ x / sqrt(eps), and the exact backward state overflows.
@@ -249,11 +251,11 @@ def test_batch_1024_is_numerically_sound(sample_shape, native, alpha_fwd, alpha_
 
     float64 must match the reference to 1e-10. float32 may not be worse than the obvious
     per-sample loop run in float32 (twice its error, floor 2e-6: 30 float32 ulps): neither
-    the vectorized scans nor the native kernel lose anything to the sequential recurrence.
+    the vectorized scans nor the native kernels lose anything to the sequential recurrence.
     Dense samples have no positions to average y^2 over, so there alpha_bkw = 0.5 gives
     backward decays 1 - (1 - alpha_bkw) * y^2 far below -1: an ill-conditioned stream, where
-    the scans get the property tests' allowance (the native kernel, carrying its state in
-    float64, needs none).
+    the scans get the property tests' allowance (the native kernels, carrying their state in
+    float64, need none).
     """
     dense = len(sample_shape) == 1
     torch.manual_seed(1024)
@@ -266,7 +268,7 @@ def test_batch_1024_is_numerically_sound(sample_shape, native, alpha_fwd, alpha_
     reference, loop = reference_of(layer), reference_of(layer, dtype)
 
     expected = reference_step(reference, x, grad_out)
-    with native_dense(native):
+    with native_kernels(native):
         actual = layer_step(layer, x, grad_out)
     if dtype == torch.float64:
         assert_matches(actual, expected, 1e-10, "float64 batch 1024")

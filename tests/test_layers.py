@@ -8,13 +8,12 @@ from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS
-from conftest import native_dense
+from conftest import native_kernels
 from reference import ReferenceOnlineNorm
 
 ALPHA_FWD, ALPHA_BKW = 0.9, 0.8  # far from 1 so that three steps move the state visibly
 SHAPES = {  # (layer class, per-sample shape after the batch dim)
-    "1d-dense": (OnlineNorm1d, (5,)),  # the native kernel
-    "1d-dense-scan": (OnlineNorm1d, (5,)),  # the eager scans
+    "1d-dense": (OnlineNorm1d, (5,)),
     "1d-seq": (OnlineNorm1d, (5, 7)),
     "2d": (OnlineNorm2d, (5, 3, 4)),
     "3d": (OnlineNorm3d, (5, 2, 3, 2)),
@@ -50,7 +49,8 @@ def _reference_for(layer):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("ecm", ["clamp", "layer_scaling", "none"])
 @pytest.mark.parametrize("kind", list(SHAPES))
-def test_training_matches_per_sample_reference(kind, ecm, affine, batch, dtype):
+@pytest.mark.parametrize("path", ["native", "scan"])
+def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, dtype):
     torch.manual_seed(hash((kind, ecm, affine, batch)) % 2**31)
     cls, sample_shape = SHAPES[kind]
     layer = _randomized_layer(cls, sample_shape[0], dtype, ecm=ecm, affine=affine)
@@ -60,7 +60,7 @@ def test_training_matches_per_sample_reference(kind, ecm, affine, batch, dtype):
         x = (torch.randn((batch, *sample_shape), dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_(True)
         grad_out = torch.randn(x.shape, dtype=torch.float64).to(dtype)
         layer.zero_grad()
-        with native_dense(kind != "1d-dense-scan"):
+        with native_kernels(path == "native"):
             out = layer(x)
             out.backward(grad_out)
         ref_out, ref_grad_x, ref_grad_w, ref_grad_b = reference.train_step(x.detach().double(), grad_out.double())
@@ -200,7 +200,8 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_compiled_kernels_match_eager(monkeypatch, layout):
-    """The TorchInductor-fused passes compute what the eager ops compute (same Python functions)."""
+    """Compiled code computes what the eager ops compute: the native kernels (contiguous
+    activations) and the TorchInductor-fused passes (channels_last: same Python functions)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(8, 6, 5, 5) * 2 + 1).contiguous(memory_format=memory_format)

@@ -4,9 +4,9 @@ The equations are those of ``shared/docs/online-norm.md``. Training mode treats 
 samples of a batch as a stream in index order. Every per-sample recurrence is linear
 in its state, so each is evaluated for the whole batch by :func:`linear_scan` on the
 ``(N, C)`` per-sample statistics; the activations themselves are read in two passes
-forward and two backward, as BatchNorm does (see :mod:`.kernels`). Dense activations on
-CPU take the native kernel instead (:mod:`.native`): one sequential pass each way,
-vectorized across channels, saving nothing per sample for backward.
+forward and two backward, as BatchNorm does (see :mod:`.kernels`). On CPU, dense and
+contiguous activations take the native kernels instead (:mod:`.native`): one pass each
+way, a sequential scan per channel, saving nothing per sample for backward.
 
 Notation (per sample ``t`` and channel): ``m``/``s`` are the spatial mean and biased
 variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the sample,
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats, use_native_dense
-from .native import dense_backward, dense_forward
+from . import native
+from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats, use_native
 from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
@@ -77,9 +77,9 @@ class OnlineNormFunction(torch.autograd.Function):
         gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
         offset = torch.zeros_like(mean0) if bias is None else bias.detach().to(dtype)
         limit = math.inf if clamp_value is None else float(clamp_value)
-        ctx.native = use_native_dense(x3)
+        ctx.native = use_native(x3)
         if ctx.native:  # saves nothing per sample: its backward recomputes the forward state from var0
-            z, mean_last, var_last = dense_forward(x3[:, :, 0], mean0, var0, gamma, offset, alpha_fwd, eps, limit)
+            z, mean_last, var_last = native.forward(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
             saved = (var0,)
         else:
             z, mean_last, var_last, saved = kernel(forward_pass, x3)(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
@@ -105,7 +105,7 @@ class OnlineNormFunction(torch.autograd.Function):
         u0, v0 = state.u.to(dtype), state.v.to(dtype)
         if ctx.native:
             args = (mean0, *saved, gamma, offset, u0, v0, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit)
-            grads_and_state = dense_backward(g3[:, :, 0], x3[:, :, 0], *args)
+            grads_and_state = native.backward(g3, x3, *args)
         else:
             args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit)
             grads_and_state = kernel(backward_pass, x3)(g3, x3, *args)

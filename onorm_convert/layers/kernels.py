@@ -7,9 +7,9 @@ layer compiles its whole forward and backward (these passes plus the per-batch s
 into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for
 float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
 present, ``1`` for every float32 input, ``0`` never. Eager and compiled run the same
-Python functions, so they compute the same thing. Dense activations (one position per
-sample) instead take the native kernel of :mod:`.native` where :func:`use_native_dense`
-says so; ``ONORM_COMPILE=0`` turns that off too.
+Python functions, so they compute the same thing. Before any of this, dense and contiguous
+activations on CPU take the native kernels of :mod:`.native` (:func:`use_native`), which
+need none of these passes; ``ONORM_COMPILE=0`` turns those off too.
 
 All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
 shaped ``(N, C, 1)``. The clamp mask is recomputed from ``x`` in backward rather than
@@ -84,12 +84,12 @@ def _compile_wanted(x: Tensor) -> bool:
     return True
 
 
-def use_native_dense(x3: Tensor) -> bool:
-    """Whether activations ``x3`` (``(N, C, S)``) take the native dense kernel: ``S == 1``, CPU, float32/64.
+def use_native(x3: Tensor) -> bool:
+    """Whether activations ``x3`` (``(N, C, S)``) take the native kernels (see :func:`.native.supports`).
 
-    Any size: the kernel is built once per machine, not per shape, and has no per-op overhead.
+    Any size: the kernels are built once per machine, not per shape, and have no per-op overhead.
     """
-    return x3.shape[2] == 1 and _compile_setting() != "0" and native.supports(x3)
+    return _compile_setting() != "0" and native.supports(x3)
 
 
 def kernel(fn: Callable, x: Tensor) -> Callable:

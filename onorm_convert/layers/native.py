@@ -1,16 +1,18 @@
-"""The dense training passes as native code: ``dense_kernel.cpp``, built once per machine.
+"""The training passes as native code: ``native.cpp``, built once per machine.
 
-For ``(N, C)`` activations every per-sample statistic is as large as the activations, so
-the batch-parallel scans of :mod:`.functional` write and re-read several ``(N, C)``
-tensors and save three of them for backward. The C++ kernel instead walks the stream
-once per pass, vectorized across channels, and recomputes the forward state in backward:
-a training step then stores nothing of the activations' size besides the input.
+The scans of :mod:`.functional` evaluate every recurrence batch-parallel, which needs the
+per-sample statistics as ``(N, C)`` tensors, several passes over the activations, and a
+compiler (TorchInductor) to fuse them. The C++ kernels instead walk the stream once per
+pass, each channel on its own, and recompute the forward state in backward: a training
+step reads the activations once each way and keeps nothing of their size but the input.
+Dense ``(N, C)`` activations, and contiguous ``(N, C, S)`` ones, run here on CPU; other
+layouts (channels_last) keep the scans.
 
 The library is compiled with the C++ compiler TorchInductor uses (``$CXX``, default
 ``g++``), like Inductor's own kernels, and cached under ``$ONORM_CACHE_DIR`` (default
 ``~/.cache/onorm``, private to the user) keyed by source, compiler, flags and CPU. Without
-a compiler the layer keeps the scan implementation; where the build fails it does too,
-and one warning says why.
+a compiler the layer keeps the scans; where the build fails it does too, and one warning
+says why.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("dense_kernel.cpp")
+SOURCE = Path(__file__).with_name("native.cpp")
 # -ffp-contract=off: forward and backward compute z alike (backward recomputes the clamp mask).
 # -fno-trapping-math: lets the compiler vectorize the clamp mask's select.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -39,47 +41,56 @@ _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
     "onorm_dense_forward": [_P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
     "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
+    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, _P, _P, _P, _P, ctypes.c_int],
 }
 
 
-def supports(x: Tensor) -> bool:
-    """Whether the native kernel can run activations like ``x``: CPU, float32 or float64, eager.
+def supports(x3: Tensor) -> bool:
+    """Whether the kernels can run activations ``x3`` (``(N, C, S)``): CPU, float32/64, dense or contiguous, eager.
 
     Inside a graph being compiled (``torch.compile`` of a model) the scans run instead:
     they trace, a foreign function call does not.
     """
     return (
-        x.device.type == "cpu"
-        and x.dtype in _TYPES
+        x3.device.type == "cpu"
+        and x3.dtype in _TYPES
+        and (x3.shape[2] == 1 or x3.is_contiguous())
         and not torch.compiler.is_compiling()
-        and dense_library() is not None
+        and library() is not None
     )
 
 
-def dense_forward(x, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
-    """Training forward of ``(N, C)`` activations ``x``: ``(z, mean_last, var_last)``.
+def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
+    """Training forward of activations ``x3`` (``(N, C, S)``): ``(z, mean_last, var_last)``, ``z`` shaped as ``x3``.
 
-    Same contract as :func:`.functional.forward_pass` for ``S = 1``, without saved tensors:
-    :func:`dense_backward` recomputes what it needs from ``mean0`` and ``var0``.
+    The contract of :func:`.functional.forward_pass` without its saved tensors:
+    :func:`backward` recomputes what it needs from ``mean0`` and ``var0``.
     """
-    x = x.contiguous()
-    mean0, var0, gamma, offset = _per_channel(x, mean0, var0, gamma, offset)
+    name, x = _layout(x3)
+    mean0, var0, gamma, offset = _per_channel(x3, mean0, var0, gamma, offset)
     z = torch.empty_like(x)
     mean_last, var_last = torch.empty_like(mean0), torch.empty_like(var0)
-    _call("onorm_dense_forward", x, z, *x.shape, mean0, var0, gamma, offset, alpha_fwd, eps, limit, mean_last, var_last)
-    return z, mean_last, var_last
+    _call(f"onorm_{name}_forward", x, z, *x.shape, mean0, var0, gamma, offset, alpha_fwd, eps, limit, mean_last, var_last)
+    return z.reshape(x3.shape), mean_last, var_last
 
 
-def dense_backward(grad, x, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit):
-    """Training backward of ``(N, C)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``."""
-    grad, x = grad.contiguous(), x.contiguous()
-    mean0, var0, gamma, offset, u0, v0 = _per_channel(x, mean0, var0, gamma, offset, u0, v0)
+def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit):
+    """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``."""
+    name, x = _layout(x3)
+    _, grad = _layout(grad3)
+    mean0, var0, gamma, offset, u0, v0 = _per_channel(x3, mean0, var0, gamma, offset, u0, v0)
     grad_x = torch.empty_like(x)
     u_last, v_last = u0.clone(), v0.clone()  # advanced in place by the kernel
     grad_weight, grad_bias = torch.empty_like(gamma), torch.empty_like(gamma)
-    _call("onorm_dense_backward", grad, x, grad_x, *x.shape, mean0, var0, gamma, offset,
+    _call(f"onorm_{name}_backward", grad, x, grad_x, *x.shape, mean0, var0, gamma, offset,
           alpha_fwd, alpha_bkw, eps, limit, u_last, v_last, grad_weight, grad_bias)  # fmt: skip
-    return grad_x, grad_weight, grad_bias, u_last, v_last
+    return grad_x.reshape(x3.shape), grad_weight, grad_bias, u_last, v_last
+
+
+def _layout(x3: Tensor) -> tuple[str, Tensor]:
+    """The kernel for ``x3`` and the contiguous tensor it takes: ``dense`` ``(N, C)`` or ``spatial`` ``(N, C, S)``."""
+    return ("dense", x3[:, :, 0].contiguous()) if x3.shape[2] == 1 else ("spatial", x3.contiguous())
 
 
 def _per_channel(x: Tensor, *vectors: Tensor) -> list[Tensor]:
@@ -106,7 +117,7 @@ def _call(name: str, *args) -> None:
             pointers.append(arg.data_ptr())
         else:
             pointers.append(arg)
-    getattr(dense_library(), f"{name}_{_TYPES[dtype]}")(*pointers, torch.get_num_threads())
+    getattr(library(), f"{name}_{_TYPES[dtype]}")(*pointers, torch.get_num_threads())
 
 
 @functools.cache
@@ -116,7 +127,7 @@ def cxx_compiler() -> str | None:
 
 
 @functools.cache
-def dense_library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot be had.
 
     No C++ compiler: None, silently, as TorchInductor's policy (the layer keeps the scans).
@@ -129,7 +140,7 @@ def dense_library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(build(compiler, _cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # BuildError is a RuntimeError
         warnings.warn(
-            f"onorm: native dense kernel unavailable ({err}); using the slower scan implementation "
+            f"onorm: native kernels unavailable ({err}); using the slower scan implementation "
             "(a private, writable ONORM_CACHE_DIR, or CXX naming a working C++ compiler, fixes this)",
             stacklevel=2,
         )
@@ -155,7 +166,7 @@ def build(compiler: str, cache_dir: Path) -> Path:
     candidates, errors = [], []
     for flags in (FLAGS + OPENMP, FLAGS):
         try:
-            candidates.append((flags, cache_dir / f"onorm_dense_{_build_key(compiler, flags)}.so"))
+            candidates.append((flags, cache_dir / f"onorm_native_{_build_key(compiler, flags)}.so"))
         except BuildError as err:  # e.g. no OpenMP
             errors.append(str(err))
     for _, target in candidates:

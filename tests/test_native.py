@@ -1,8 +1,8 @@
-"""The native dense kernel (``layers/dense_kernel.cpp``): exact against the reference, lean, and optional.
+"""The native kernels (``layers/native.cpp``): exact against the reference, lean, and optional.
 
-The reference matrix of ``test_layers.py`` and the property tests already run dense
-layers on both implementations; here: the benchmark's shape, odd layouts, what a training
-step keeps for backward, and what happens where the kernel cannot be built.
+The reference matrix of ``test_layers.py`` and the property tests already run every
+layer kind on both implementations; here: the benchmark's shapes, odd layouts, what a
+training step keeps for backward, and what happens where the kernels cannot be built.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import stat
 import pytest
 import torch
 
-from conftest import assert_matches, layer_step, native_dense, reference_of, reference_step
-from onorm_convert import OnlineNorm1d
+from conftest import assert_matches, layer_step, native_kernels, reference_of, reference_step
+from onorm_convert import OnlineNorm1d, OnlineNorm2d
 from onorm_convert.layers import STATE_BUFFERS, native
-from onorm_convert.layers.kernels import use_native_dense
+from onorm_convert.layers.kernels import use_native
 
 needs_compiler = pytest.mark.skipif(native.cxx_compiler() is None, reason="needs a C++ compiler")
 F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a step's operations
@@ -24,36 +24,38 @@ F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a st
 @pytest.fixture
 def fresh_library():
     """Forget the compiler and library found before and after: the test builds its own (or fails to)."""
-    for cached in (native.cxx_compiler, native.dense_library):
+    for cached in (native.cxx_compiler, native.library):
         cached.cache_clear()
     yield
-    for cached in (native.cxx_compiler, native.dense_library):
+    for cached in (native.cxx_compiler, native.library):
         cached.cache_clear()
 
 
 @needs_compiler
-def test_the_kernel_is_built_and_chosen_for_dense_cpu_activations():
-    assert native.dense_library() is not None
-    dense, sequence = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
-    with native_dense(True):
-        assert use_native_dense(dense) and use_native_dense(dense.double())
-        assert not use_native_dense(sequence) and not use_native_dense(dense.half())
-    with native_dense(False):  # ONORM_COMPILE=0: no compiled code at all
-        assert not use_native_dense(dense)
+def test_the_kernels_are_built_and_chosen_for_dense_and_contiguous_cpu_activations():
+    assert native.library() is not None
+    dense, rows = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
+    channels_last = torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).reshape(4, 3, -1)
+    with native_kernels(True):
+        assert use_native(dense) and use_native(dense.double()) and use_native(rows)
+        assert not use_native(channels_last) and not use_native(dense.half())
+    with native_kernels(False):  # ONORM_COMPILE=0: no compiled code at all
+        assert not use_native(dense) and not use_native(rows)
 
 
 @needs_compiler
-def test_benchmark_shape_matches_the_reference_over_three_steps():
-    """(256, 1024) float32 at the default alphas: every output, gradient and state buffer."""
+@pytest.mark.parametrize("shape", [(256, 1024), (8, 64, 14, 14)], ids=["dense", "2d"])
+def test_benchmark_shapes_match_the_reference_over_three_steps(shape):
+    """The benchmark's dense shape and a conv shape, float32, default alphas: every output, gradient and state."""
     torch.manual_seed(0)
-    layer = OnlineNorm1d(1024)
+    layer = (OnlineNorm1d if len(shape) == 2 else OnlineNorm2d)(shape[1])
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
     reference = reference_of(layer)
     for step in range(3):
-        x, grad_out = torch.randn(256, 1024) * 2 + 1, torch.randn(256, 1024)
-        with native_dense(True):
+        x, grad_out = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        with native_kernels(True):
             actual = layer_step(layer, x, grad_out)
         assert_matches(actual, reference_step(reference, x, grad_out), F32_RTOL, f"step {step}")
 
@@ -79,7 +81,7 @@ def test_layouts_and_dtypes_match_the_reference(layout):
     torch.set_num_threads(2)  # the blocks on two threads
     try:
         for step in range(3):
-            with native_dense(True):
+            with native_kernels(True):
                 actual = layer_step(layer, x, grad_out)
             expected = reference_step(reference, x.float(), grad_out.float())
             rtol = 1e-2 if x.dtype == torch.bfloat16 else F32_RTOL  # bfloat16 outputs: 8 bits of mantissa
@@ -89,28 +91,35 @@ def test_layouts_and_dtypes_match_the_reference(layout):
 
 
 @needs_compiler
-def test_a_training_step_keeps_nothing_of_the_activations_size_but_the_input():
-    """Backward recomputes the forward state: saved are x and four per-channel vectors (the scans keep 3 more x's)."""
-    batch, channels = 64, 8
+@pytest.mark.parametrize("shape", [(64, 8), (64, 8, 3, 3)], ids=["dense", "2d"])
+def test_a_training_step_keeps_nothing_of_the_activations_size_but_the_input(shape):
+    """Backward recomputes the forward state: saved are x and four per-channel vectors.
+
+    The scans keep per-sample statistics besides: for dense input three more x's.
+    """
+    batch, channels = shape[:2]
     saved = {}
     for native_on in (True, False):
-        x = torch.randn(batch, channels, requires_grad=True)
-        with native_dense(native_on):
-            out = OnlineNorm1d(channels)(x)
+        x = torch.randn(shape, requires_grad=True)
+        with native_kernels(native_on):
+            out = (OnlineNorm1d if len(shape) == 2 else OnlineNorm2d)(channels)(x)
         saved[native_on] = sum(t.numel() for t in out.grad_fn.saved_tensors)
-    assert saved[True] == batch * channels + 4 * channels
-    assert saved[False] >= 4 * batch * channels
+    assert saved[True] == x.numel() + 4 * channels
+    assert saved[False] >= x.numel() + 3 * batch * channels
 
 
 @needs_compiler
 @pytest.mark.parametrize("native_on", [True, False], ids=["native", "scan"])
-def test_a_non_finite_gradient_where_the_clamp_cut_is_dropped(native_on):
+@pytest.mark.parametrize("positions", [1, 3])
+def test_a_non_finite_gradient_where_the_clamp_cut_is_dropped(native_on, positions):
     """As torch.clamp's backward: a clamped output passes no gradient, not even a NaN."""
     layer = OnlineNorm1d(2, clamp_value=1.0, affine=False)
-    x = torch.tensor([[0.5, 30.0], [0.2, -0.3]])  # sample 0, channel 1: z = 30, clamped
-    grad_out = torch.tensor([[1.0, float("nan")], [1.0, 1.0]])
+    x = torch.tensor([[0.5, 30.0], [0.2, -0.3]]).unsqueeze(2).repeat(1, 1, positions)  # sample 0, channel 1 clamped
+    x[:, :, 1:] += 0.1
+    grad_out = torch.ones_like(x)
+    grad_out[0, 1, 0] = float("nan")
     expected = reference_step(reference_of(layer), x, grad_out)
-    with native_dense(native_on):
+    with native_kernels(native_on):
         actual = layer_step(layer, x, grad_out)
     assert all(torch.isfinite(t).all() for t in actual.values())
     assert_matches(actual, expected, 1e-6)
@@ -141,7 +150,7 @@ def test_without_the_kernel_dense_layers_warn_once_and_train_on_the_scans(tmp_pa
     x, grad_out = torch.randn(8, 3), torch.randn(8, 3)
     with pytest.warns(UserWarning, match=r"broken toolchain.*CXX naming a working C\+\+ compiler"):
         actual = layer_step(layer, x, grad_out)
-    assert native.dense_library() is None  # decided once: no second warning, no second build
+    assert native.library() is None  # decided once: no second warning, no second build
     assert_matches(actual, reference_step(reference, x, grad_out), F32_RTOL)
 
 
@@ -152,7 +161,7 @@ def test_an_unwritable_cache_folder_is_reported(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("ONORM_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
     with pytest.warns(UserWarning, match="writable ONORM_CACHE_DIR"):
-        assert native.dense_library() is None
+        assert native.library() is None
 
 
 @needs_compiler
@@ -167,12 +176,12 @@ def test_a_build_is_reused_from_the_cache(tmp_path):
 @needs_compiler
 def test_per_channel_tensors_of_the_wrong_size_are_refused_not_overrun():
     """The kernel would read and write C values through each pointer: a short tensor must raise first."""
-    x, short = torch.randn(4, 300), torch.ones(1)
-    full = torch.ones(300)
-    with pytest.raises(ValueError, match=r"shape \(1,\).*300 channels"):
-        native.dense_forward(x, full, full, short, full, 0.9, 1e-5, 5.0)
-    with pytest.raises(ValueError, match="300 channels"):
-        native.dense_backward(x, x, full, full, full, full, full, short, 0.9, 0.9, 1e-5, 5.0)
+    short, full = torch.ones(1), torch.ones(300)
+    for x in (torch.randn(4, 300, 1), torch.randn(4, 300, 5)):  # the dense and the spatial kernel
+        with pytest.raises(ValueError, match=r"shape \(1,\).*300 channels"):
+            native.forward(x, full, full, short, full, 0.9, 1e-5, 5.0)
+        with pytest.raises(ValueError, match="300 channels"):
+            native.backward(x, x, full, full, full, full, full, short, 0.9, 0.9, 1e-5, 5.0)
 
 
 @needs_compiler
@@ -185,7 +194,7 @@ def test_strided_parameters_give_what_the_scans_give():
     for native_on in (True, False):
         layer = OnlineNorm1d(5, alpha_fwd=0.9)
         x_in = x.clone().requires_grad_(True)
-        with native_dense(native_on):
+        with native_kernels(native_on):
             out = torch.func.functional_call(layer, params, (x_in,))
             out.backward(grad_out)
         results.append((out.detach(), x_in.grad))
@@ -241,7 +250,7 @@ def test_inside_a_compiled_model_the_layer_traces_and_agrees():
         layer = OnlineNorm1d(8, alpha_fwd=0.9)
         run = torch.compile(layer, backend="eager") if compiled else layer
         x_in = x.clone().requires_grad_(True)
-        with native_dense(True):
+        with native_kernels(True):
             out = run(x_in)
             out.backward(grad_out)
         results.append((out.detach(), x_in.grad, *(getattr(layer, name).clone() for name in STATE_BUFFERS)))
@@ -261,4 +270,4 @@ def test_no_home_folder_is_a_warning_not_a_crash(monkeypatch):
 
     monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
     with pytest.warns(UserWarning, match="home directory"):
-        assert native.dense_library() is None
+        assert native.library() is None

@@ -1,0 +1,253 @@
+// Online Normalization training passes as native code: the whole forward, or the whole
+// backward, of one batch in one pass over the activations.
+//
+// The samples of a batch are a stream, so each channel walks t = 0..N-1 in order (channels
+// are independent and spread over the threads), its recurrent state held in float64. This is
+// a sequential scan per channel, as torch.cumsum is on CPU. Backward recomputes the forward
+// state from the state before the batch instead of reading saved per-sample tensors, so a
+// training step stores nothing of the activations' size besides the input.
+//
+// - dense (N, C): one value per sample and channel; a block of channels advances together,
+//   the channel loop innermost (contiguous, vectorized).
+// - spatial (N, C, S), contiguous: sample t's channel c is one row of S values, read from
+//   memory once per pass and re-read from cache for its mean, variance and output.
+//
+// The equations are those of shared/docs/online-norm.md in the form functional.py uses: the
+// mean carried as its drift from mean0, so data at the stream's mean gives exactly y = 0.
+// Built by native.py with -ffp-contract=off: forward and backward must evaluate z identically
+// (the clamp mask is recomputed in backward), vectorized body and tail alike.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// Channel blocks [c0, c1) spread over the threads; each block walks the whole stream. A block's
+// state (a few doubles per channel) stays in L1 cache; its rows are whole cache lines.
+constexpr int64_t kBlock = 256;
+
+template <typename F>
+void for_channel_blocks(int64_t channels, int threads, F body) {
+    const int64_t blocks = (channels + kBlock - 1) / kBlock;
+    const int team = blocks < threads ? int(blocks) : threads;  // no thread woken without a block
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+        const int64_t c0 = block * kBlock;
+        body(c0, c0 + kBlock < channels ? c0 + kBlock : channels);
+    }
+}
+
+using A = double;  // the arithmetic and the recurrent state, whatever the activations' dtype
+
+template <typename T>
+inline T clamp_to(T v, T limit) {  // NaN stays NaN, as torch.clamp
+    return v > limit ? limit : (v < -limit ? -limit : v);
+}
+
+template <typename T>
+void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
+             const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
+    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
+    for_channel_blocks(channels, threads, [&](int64_t c0, int64_t c1) {
+        const int64_t w = c1 - c0;
+        std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
+        std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1);
+        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data(), *gm = g.data(), *of = o.data();
+        for (int64_t t = 0; t < n; ++t) {
+            const T* xt = x + t * channels + c0;
+            T* zt = z + t * channels + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+                const A d = (A(xt[j]) - mu0[j]) - dr[j];
+                const A y = d * (1 / std::sqrt(vr[j] + e));
+                zt[j] = clamp_to(T(y * gm[j] + of[j]), T(limit));
+                vr[j] = a * vr[j] + ab * (d * d);
+                dr[j] += b * d;
+            }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            mean_out[c0 + j] = T(mu0[j] + dr[j]);
+            var_out[c0 + j] = T(vr[j]);
+        }
+    });
+}
+
+template <typename T>
+void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, const T* mean0, const T* var0,
+              const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,
+              T* v_io, T* grad_weight, T* grad_bias, int threads) {
+    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps, cb = 1 - alpha_bkw;
+    for_channel_blocks(channels, threads, [&](int64_t c0, int64_t c1) {
+        const int64_t w = c1 - c0;
+        std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
+        std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1), u(u_io + c0, u_io + c1),
+            v(v_io + c0, v_io + c1), sum_gy(w, 0.0), sum_g(w, 0.0);
+        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data(), *gm = g.data(), *of = o.data();
+        A *uu = u.data(), *vv = v.data(), *sgy = sum_gy.data(), *sg = sum_g.data();
+        for (int64_t t = 0; t < n; ++t) {
+            const T* xt = x + t * channels + c0;
+            const T* gt = grad + t * channels + c0;
+            T* dxt = grad_x + t * channels + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+                const A d = (A(xt[j]) - mu0[j]) - dr[j];
+                const A inv_k = 1 / std::sqrt(vr[j] + e);
+                const A y = d * inv_k;
+                const A g_out = gt[j];  // loaded unconditionally: a select vectorizes, a conditional load does not
+                // No gradient where the forward clamp cut (z rounded to T exactly as forward stored it).
+                const A gz = std::fabs(T(y * gm[j] + of[j])) <= T(limit) ? g_out : A(0);
+                sgy[j] += gz * y;
+                sg[j] += gz;
+                const A g_ctrl = gz * gm[j] - cb * vv[j] * y;  // g' = dL/dy - (1-ab) v y
+                vv[j] += g_ctrl * y;
+                const A dx = g_ctrl * inv_k - cb * uu[j];
+                uu[j] += dx;
+                dxt[j] = T(dx);
+                vr[j] = a * vr[j] + ab * (d * d);
+                dr[j] += b * d;
+            }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            u_io[c0 + j] = T(uu[j]);
+            v_io[c0 + j] = T(vv[j]);
+            grad_weight[c0 + j] = T(sgy[j]);
+            grad_bias[c0 + j] = T(sg[j]);
+        }
+    });
+}
+
+
+// Mean and biased variance of a row, two passes (exact centering), summed in float64. Forward
+// and backward call it on the same row and get the same bits.
+template <typename T>
+inline void row_moments(const T* row, int64_t count, A& mean, A& var) {
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < count; ++p) sum += A(row[p]);
+    mean = sum / A(count);
+    A squares = 0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t p = 0; p < count; ++p) {
+        const A centered = A(row[p]) - mean;
+        squares += centered * centered;
+    }
+    var = squares / A(count);
+}
+
+template <typename T>
+void spatial_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t positions, const T* mean0,
+                     const T* var0, const T* gamma, const T* beta, double alpha_fwd, double eps, double limit,
+                     T* mean_out, T* var_out, int threads) {
+    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
+    const int team = channels < threads ? int(channels) : threads;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+        A drift = 0, var = var0[c];
+        const T m0 = mean0[c];
+        for (int64_t t = 0; t < n; ++t) {
+            const T* row = x + (t * channels + c) * positions;
+            T* out = z + (t * channels + c) * positions;
+            A m, s;
+            row_moments(row, positions, m, s);
+            const A d = (m - A(m0)) - drift;
+            const A inv_k = 1 / std::sqrt(var + e);
+            const T shift = T(drift), scale = T(inv_k * A(gamma[c])), offset = beta[c], lim = T(limit);
+#pragma omp simd
+            for (int64_t p = 0; p < positions; ++p) out[p] = clamp_to(((row[p] - m0) - shift) * scale + offset, lim);
+            var = a * var + b * s + ab * (d * d);
+            drift += b * d;
+        }
+        mean_out[c] = T(A(m0) + drift);
+        var_out[c] = T(var);
+    }
+}
+
+template <typename T>
+void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
+                      const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
+                      double alpha_bkw, double eps, double limit, T* u_io, T* v_io, T* grad_weight, T* grad_bias,
+                      int threads) {
+    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
+    const A keep = alpha_bkw, cb = 1 - alpha_bkw, count = A(positions);
+    const int team = channels < threads ? int(channels) : threads;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+        A drift = 0, var = var0[c], u = u_io[c], v = v_io[c], sum_gy = 0, sum_g = 0;
+        const T m0 = mean0[c];
+        const A gm = gamma[c];
+        for (int64_t t = 0; t < n; ++t) {
+            const size_t offset_t = (t * channels + c) * positions;
+            const T *row = x + offset_t, *grow = grad + offset_t;
+            T* dxrow = grad_x + offset_t;
+            A m, s;
+            row_moments(row, positions, m, s);  // the forward's statistics, recomputed
+            const A d = (m - A(m0)) - drift;
+            const A inv_k = 1 / std::sqrt(var + e);
+            const T shift = T(drift), scale = T(inv_k * gm), offset = beta[c], lim = T(limit);
+            A sum_gz = 0, sum_gz_xc = 0;  // gz: the gradient where the clamp let it through
+#pragma omp simd reduction(+ : sum_gz, sum_gz_xc)
+            for (int64_t p = 0; p < positions; ++p) {
+                const T xc = (row[p] - m0) - shift, g_out = grow[p];
+                const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
+                sum_gz += A(gz);
+                sum_gz_xc += A(gz) * A(xc);
+            }
+            // v and u advance by the means of g' y and dL/dx (the doc's backward, per sample).
+            const A mean_gz_y = sum_gz_xc * inv_k / count, mean_y2 = (s + d * d) * inv_k * inv_k;
+            const A v_prev = v, u_prev = u;
+            v = v * (1 - cb * mean_y2) + mean_gz_y * gm;
+            u = keep * u + (sum_gz * gm / count - cb * v_prev * d * inv_k) * inv_k;
+            sum_gy += sum_gz_xc * inv_k;
+            sum_g += sum_gz;
+            // dL/dx = gz gamma / k - (1-ab) v_prev (x - mu_prev) / k^2 - (1-ab) u_prev
+            const T grad_coef = T(gm * inv_k), xc_coef = T(-cb * v_prev * inv_k * inv_k), constant = T(-cb * u_prev);
+#pragma omp simd
+            for (int64_t p = 0; p < positions; ++p) {
+                const T xc = (row[p] - m0) - shift, g_out = grow[p];
+                const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
+                dxrow[p] = gz * grad_coef + xc * xc_coef + constant;
+            }
+            var = a * var + b * s + ab * (d * d);
+            drift += b * d;
+        }
+        u_io[c] = T(u);
+        v_io[c] = T(v);
+        grad_weight[c] = T(sum_gy);
+        grad_bias[c] = T(sum_g);
+    }
+}
+
+}  // namespace
+
+#define ONORM_EXPORT(T, SUFFIX)                                                                                      \
+    extern "C" void onorm_dense_forward_##SUFFIX(const T* x, T* z, int64_t n, int64_t c, const T* mean0,              \
+                                                 const T* var0, const T* gamma, const T* beta, double alpha_fwd,      \
+                                                 double eps, double limit, T* mean_out, T* var_out, int threads) {    \
+        dense_forward(x, z, n, c, mean0, var0, gamma, beta, alpha_fwd, eps, limit, mean_out, var_out, threads);             \
+    }                                                                                                                 \
+    extern "C" void onorm_dense_backward_##SUFFIX(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c,         \
+                                                  const T* mean0, const T* var0, const T* gamma, const T* beta,       \
+                                                  double alpha_fwd, double alpha_bkw, double eps, double limit,       \
+                                                  T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {      \
+        dense_backward(grad, x, grad_x, n, c, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io, v_io,      \
+                 grad_weight, grad_bias, threads);                                                                    \
+    }
+
+#define ONORM_EXPORT_SPATIAL(T, SUFFIX)                                                                              \
+    extern "C" void onorm_spatial_forward_##SUFFIX(const T* x, T* z, int64_t n, int64_t c, int64_t s, const T* mean0, \
+                                                   const T* var0, const T* gamma, const T* beta, double alpha_fwd,    \
+                                                   double eps, double limit, T* mean_out, T* var_out, int threads) {  \
+        spatial_forward(x, z, n, c, s, mean0, var0, gamma, beta, alpha_fwd, eps, limit, mean_out, var_out, threads);  \
+    }                                                                                                                 \
+    extern "C" void onorm_spatial_backward_##SUFFIX(                                                                  \
+        const T* grad, const T* x, T* grad_x, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0,         \
+        const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,         \
+        T* v_io, T* grad_weight, T* grad_bias, int threads) {                                                         \
+        spatial_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io,  \
+                         v_io, grad_weight, grad_bias, threads);                                                      \
+    }
+
+ONORM_EXPORT(float, f32)
+ONORM_EXPORT(double, f64)
+ONORM_EXPORT_SPATIAL(float, f32)
+ONORM_EXPORT_SPATIAL(double, f64)
