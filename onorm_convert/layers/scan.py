@@ -13,11 +13,9 @@ Every Online Normalization state update has the form ``s_t = a_t * s_{t-1} + b_t
   ``O(N log N)``.
 
 Only products of decays are formed, never quotients, so decays whose running product
-underflows to zero (long streams, small alphas) stay exact. Products of decays that
-overflow (per-step decays far below -1) are clamped to the dtype's largest value, so that
-one multiplying a zero state or increment gives zero, as exact arithmetic does, not
-``inf * 0 = nan``. Where the exact result needs such a product times a nonzero value no
-product-based evaluation is right (the ill-conditioned regime of README's Limits).
+underflows to zero (long streams, small alphas) stay exact. A product that overflows
+(per-step decays far below -1) multiplies a zero state or increment as exact arithmetic
+does, to zero, not to ``inf * 0 = nan``.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ def _inclusive_scan(decay: Tensor | float, increment: Tensor, initial: Tensor) -
     steps = increment.shape[0]
     if steps <= BLOCK:
         local, decay_to = _local_scan(decay, increment)
-        return local + decay_to * initial
+        return local + _times(decay_to, initial)
     blocks = -(-steps // BLOCK)
     pad = blocks * BLOCK - steps  # identity steps (decay 1, increment 0) complete the last block
     increment = torch.nn.functional.pad(increment, (0,) * (2 * increment.dim() - 2) + (0, pad))
@@ -63,7 +61,7 @@ def _inclusive_scan(decay: Tensor | float, increment: Tensor, initial: Tensor) -
     block_decay = decay_to[-1] if isinstance(decay, Tensor) else decay**BLOCK
     carried = _inclusive_scan(block_decay, local[-1], initial)  # state after each block
     carried_in = torch.cat((initial.unsqueeze(0), carried[:-1]))  # state before each block
-    states = local + decay_to * carried_in
+    states = local + _times(decay_to, carried_in)
     return states.transpose(0, 1).reshape(blocks * BLOCK, *increment.shape[1:])[:steps]
 
 
@@ -84,17 +82,15 @@ def _local_scan(decay: Tensor | float, increment: Tensor) -> tuple[Tensor, Tenso
         # Combine each step with the span `shift` before it; the first `shift` steps meet the
         # identity (decay 1, increment 0). Written as shifts, not slices + cat, so that a
         # compiled scan fuses each round into one loop.
-        acc_incr = torch.addcmul(acc_incr, acc_decay, _shifted(acc_incr, shift, 0.0))
-        acc_decay = _decay_product(acc_decay, _shifted(acc_decay, shift, 1.0))
+        acc_incr = acc_incr + _times(acc_decay, _shifted(acc_incr, shift, 0.0))
+        acc_decay = _times(acc_decay, _shifted(acc_decay, shift, 1.0))
         shift *= 2
     return acc_incr, acc_decay
 
 
-def _decay_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a * b`` for products of decays, held finite: where exact arithmetic multiplies a huge
-    product by a zero state or increment the result is then 0, not ``inf * 0 = nan``."""
-    limit = torch.finfo(a.dtype).max
-    return (a * b).clamp(-limit, limit)
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b``, exactly 0 where either is 0 even if the other overflowed to inf."""
+    return torch.where((a == 0) | (b == 0), 0.0, a * b)
 
 
 def _shifted(t: Tensor, shift: int, fill: float) -> Tensor:
