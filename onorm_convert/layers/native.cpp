@@ -10,7 +10,7 @@
 // - dense (N, C): one value per sample and channel; a block of channels advances together,
 //   the channel loop innermost (contiguous, vectorized).
 // - spatial (N, C, S), contiguous: sample t's channel c is one row of S values, read from
-//   memory once per pass and re-read from cache for its mean, variance and output.
+//   memory once per pass while it fits in cache (its mean, variance and output re-read it).
 //
 // The equations are those of shared/docs/online-norm.md in the form functional.py uses: the
 // mean carried as its drift from mean0, so data at the stream's mean gives exactly y = 0.
@@ -151,9 +151,12 @@ void spatial_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t posi
             row_moments(row, positions, m, s);
             const A d = (m - A(m0)) - drift;
             const A inv_k = 1 / std::sqrt(var + e);
-            const T shift = T(drift), scale = T(inv_k * A(gamma[c])), offset = beta[c], lim = T(limit);
+            // x - mu_prev as one float subtraction from mu_prev rounded once: as exact as the data
+            // allows however far the stream has drifted from m0, and exactly 0 for data at m0 while
+            // it has not drifted.
+            const T center = T(A(m0) + drift), scale = T(inv_k * A(gamma[c])), offset = beta[c], lim = T(limit);
 #pragma omp simd
-            for (int64_t p = 0; p < positions; ++p) out[p] = clamp_to(((row[p] - m0) - shift) * scale + offset, lim);
+            for (int64_t p = 0; p < positions; ++p) out[p] = clamp_to((row[p] - center) * scale + offset, lim);
             var = a * var + b * s + ab * (d * d);
             drift += b * d;
         }
@@ -183,11 +186,11 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
             row_moments(row, positions, m, s);  // the forward's statistics, recomputed
             const A d = (m - A(m0)) - drift;
             const A inv_k = 1 / std::sqrt(var + e);
-            const T shift = T(drift), scale = T(inv_k * gm), offset = beta[c], lim = T(limit);
+            const T center = T(A(m0) + drift), scale = T(inv_k * gm), offset = beta[c], lim = T(limit);
             A sum_gz = 0, sum_gz_xc = 0;  // gz: the gradient where the clamp let it through
 #pragma omp simd reduction(+ : sum_gz, sum_gz_xc)
             for (int64_t p = 0; p < positions; ++p) {
-                const T xc = (row[p] - m0) - shift, g_out = grow[p];
+                const T xc = row[p] - center, g_out = grow[p];
                 const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
                 sum_gz += A(gz);
                 sum_gz_xc += A(gz) * A(xc);
@@ -203,7 +206,7 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
             const T grad_coef = T(gm * inv_k), xc_coef = T(-cb * v_prev * inv_k * inv_k), constant = T(-cb * u_prev);
 #pragma omp simd
             for (int64_t p = 0; p < positions; ++p) {
-                const T xc = (row[p] - m0) - shift, g_out = grow[p];
+                const T xc = row[p] - center, g_out = grow[p];
                 const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
                 dxrow[p] = gz * grad_coef + xc * xc_coef + constant;
             }
