@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -108,11 +107,13 @@ def train_replica(rank: int, broadcast_buffers: bool) -> dict:
     return report
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     # ONORM_COMPILE stays auto: these tiny tensors are below torch.compile's threshold, and the
     # dense norm takes the native kernel (from the session's cache folder, inherited).
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file rendezvous: no TCP port that another process could take between choosing and binding it.
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         reports = {mode: train_replica(rank, mode) for mode in (True, False)}
         torch.save(reports, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -120,14 +121,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_converted_model_under_ddp(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         reports = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for broadcast_buffers, report in reports.items():
