@@ -42,8 +42,8 @@ def eager_kernels():
 def native_kernels(enabled: bool):
     """Layers on the native kernels (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
 
-    The tests' tensors stay below torch.compile's size threshold either way, so what does
-    not take the native kernels (channels_last) runs eager ops. Where a C++ compiler is
+    What does not take the native kernels (channels_last) runs eager ops wherever the
+    tensors stay below torch.compile's size threshold, as most tests' do. Where a C++ compiler is
     present the kernels must be there: a failed build may not silently turn the native
     cases into scan cases.
     """

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from onorm_convert import errors
@@ -290,9 +291,26 @@ def test_sigterm_during_export_exits_143_and_leaves_the_old_output_alone(tmp_pat
     process = start("export", RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", out, "--force")
     code, stderr = signal_after(process, "verifying against the PyTorch model", signal.SIGTERM)
     assert code == errors.EXIT_TERMINATED, stderr
-    assert stderr.strip().splitlines()[-1] == "onorm export: error: terminated (SIGTERM); nothing was written"
+    assert stderr.strip().splitlines()[-1] == "onorm export: error: terminated (SIGTERM); no partial output was left"
     assert "Traceback" not in stderr
     assert digests(out.parent, *SAMPLE_FILES) == before  # no temp file left, the old output and the input unchanged
+
+
+def test_sigterm_outside_a_command_body_still_exits_143_with_its_line(monkeypatch, capsys):
+    """A SIGTERM while the parser runs a callback (here --version): the 143 line, not the parser's silent 130."""
+    real_echo, sent = typer.echo, []
+
+    def echo_after_a_sigterm(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler main() installed
+        return real_echo(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(typer, "echo", echo_after_a_sigterm)
+    assert cli_main(["--version"]) == errors.EXIT_TERMINATED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "onorm: error: terminated (SIGTERM); no partial output was left"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
 
 
 def test_ctrl_c_during_convert_exits_130_and_leaves_nothing(tmp_path):

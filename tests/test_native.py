@@ -36,8 +36,9 @@ def test_the_kernels_are_built_and_chosen_for_dense_and_contiguous_cpu_activatio
     assert native.library() is not None
     dense, rows = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
     channels_last = torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).reshape(4, 3, -1)
+    strided = torch.zeros(8, 3, 2)[::2]  # a view reshape keeps: copied for the kernel
     with native_kernels(True):
-        assert use_native(dense) and use_native(dense.double()) and use_native(rows)
+        assert use_native(dense) and use_native(dense.double()) and use_native(rows) and use_native(strided)
         assert not use_native(channels_last) and not use_native(dense.half())
     with native_kernels(False):  # ONORM_COMPILE=0: no compiled code at all
         assert not use_native(dense) and not use_native(rows)
@@ -61,9 +62,10 @@ def test_benchmark_shapes_match_the_reference_over_three_steps(shape):
 
 
 @needs_compiler
-@pytest.mark.parametrize("layout", ["transposed", "rank-3", "odd-width", "batch-1", "bfloat16"])
+@pytest.mark.parametrize("layout", ["transposed", "rank-3", "odd-width", "batch-1", "bfloat16", "strided-rows"])
 def test_layouts_and_dtypes_match_the_reference(layout):
-    """Non-contiguous input, (N, C, 1), a channel count the kernel's blocks split unevenly, one sample, bfloat16."""
+    """Non-contiguous input (dense, and a strided (N, C, L) view), (N, C, 1), a channel count the dense
+    kernel's blocks split unevenly, one sample, bfloat16."""
     torch.manual_seed(1)
     channels = 300 if layout == "odd-width" else 5  # blocks of 256 channels: one full, one of 44
     batch = 1 if layout == "batch-1" else 40
@@ -74,6 +76,8 @@ def test_layouts_and_dtypes_match_the_reference(layout):
         x = x.unsqueeze(2)
     elif layout == "bfloat16":
         x = x.bfloat16()
+    elif layout == "strided-rows":  # every other sample of a longer (N, C, L) batch: a non-contiguous view
+        x = (torch.randn(2 * batch, channels, 4) * 2 + 1)[::2]
     grad_out = torch.randn(x.shape).to(x.dtype)
     layer = OnlineNorm1d(channels, alpha_fwd=0.9, alpha_bkw=0.8, clamp_value=1.5)
     reference = reference_of(layer)
@@ -133,7 +137,7 @@ def _fake_compiler(tmp_path, stderr: str):
 
 
 def test_a_failing_compiler_is_reported_with_its_error(tmp_path):
-    compiler = _fake_compiler(tmp_path, "dense_kernel.cpp:1: error: no such thing")
+    compiler = _fake_compiler(tmp_path, "native.cpp:1: error: no such thing")
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     with pytest.raises(native.BuildError, match="error: no such thing"):
@@ -203,8 +207,11 @@ def test_strided_parameters_give_what_the_scans_give():
 
 
 @needs_compiler
-@pytest.mark.parametrize("unsafe", ["folder writable by others", "library is a link"])
-def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe):
+@pytest.mark.parametrize("unsafe, reason", [
+    ("folder writable by others", "is writable by others"),
+    ("library is a link", "is a symbolic link"),
+])  # fmt: skip
+def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe, reason):
     """The cached library is code this process runs: refuse a folder or file someone else could have planted."""
     compiler = native.cxx_compiler()
     cache = tmp_path / "cache"
@@ -216,7 +223,7 @@ def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe):
         planted = tmp_path / "planted.so"
         built.rename(planted)
         built.symlink_to(planted)
-    with pytest.raises(native.BuildError, match="may not hold code to run"):
+    with pytest.raises(native.BuildError, match=f"{reason}; it may not hold code to run"):
         native.build(compiler, cache)
 
 

@@ -88,7 +88,7 @@ def failure(err: BaseException) -> tuple[str, int, str]:
     kind = type(err).__name__
     interruption = _interruption(err)
     if isinstance(interruption, Terminated):
-        return "terminated (SIGTERM); nothing was written", EXIT_TERMINATED, "Terminated"
+        return TERMINATED, EXIT_TERMINATED, "Terminated"
     if interruption is not None:
         return "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt"
     if isinstance(err, OnormError):
@@ -110,19 +110,32 @@ def _interruption(err: BaseException | None) -> KeyboardInterrupt | None:
     return None
 
 
+# A SIGTERM can come after a verified file was published: "partial" is true either way.
+TERMINATED = "terminated (SIGTERM); no partial output was left"
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds():
-    """While the CLI runs, SIGTERM raises :class:`Terminated` instead of killing the process outright."""
+    """While the CLI runs, SIGTERM raises :class:`Terminated` instead of killing the process outright.
+
+    Only the first: later ones are ignored, so they cannot cut the cleanup short. Yields a
+    list that is non-empty once a SIGTERM arrived.
+    """
+    received: list[int] = []
 
     def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.append(signum)
         raise Terminated()
 
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+    previous = signal.getsignal(signal.SIGTERM)
+    # Only the main thread may set handlers; None is a handler set outside Python, which could not be restored.
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield received
         return
-    previous = signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -170,17 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     line on stderr, a JSON object under ``--json``, and exit 2, like every other bad input.
     """
     argv = sys.argv[1:] if argv is None else argv
+    known = typer.main.get_command(app).commands
+    command = argv[0] if argv and argv[0] in known else None
+    terminated: list[int] = []
     try:
-        with _sigterm_unwinds():
-            return app(args=argv, prog_name="onorm", standalone_mode=False) or 0
+        with _sigterm_unwinds() as terminated:
+            code = app(args=argv, prog_name="onorm", standalone_mode=False) or 0
+    except Terminated:  # outside a command's body (parsing, callbacks, leaving): still the contract
+        code = None
     except Exception as err:
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):  # not a parser (click) error
             raise
-        known = typer.main.get_command(app).commands
-        command = argv[0] if argv and argv[0] in known else None
         message = f"{err.format_message().rstrip('.')}; see {' '.join(filter(None, ('onorm', command)))} --help"
         _print_failure(command, "--json" in argv, message, err.exit_code, type(err).__name__)
         return err.exit_code
+    if terminated and code != EXIT_TERMINATED:  # click turns an interrupt outside the body into a silent 130
+        _print_failure(command, "--json" in argv, TERMINATED, EXIT_TERMINATED, "Terminated")
+        return EXIT_TERMINATED
+    return code
 
 
 def _show_version(value: bool) -> None:

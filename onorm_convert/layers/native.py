@@ -5,12 +5,12 @@ per-sample statistics as ``(N, C)`` tensors, several passes over the activations
 compiler (TorchInductor) to fuse them. The C++ kernels instead walk the stream once per
 pass, each channel on its own, and recompute the forward state in backward: a training
 step reads the activations once each way and keeps nothing of their size but the input.
-Dense ``(N, C)`` activations, and contiguous ``(N, C, S)`` ones, run here on CPU; other
-layouts (channels_last) keep the scans.
+Dense ``(N, C)`` and ``(N, C, S)`` activations run here on CPU, except channels_last ones,
+which keep the scans (other strided layouts are copied).
 
-The library is compiled with the C++ compiler TorchInductor uses (``$CXX``, default
-``g++``), like Inductor's own kernels, and cached under ``$ONORM_CACHE_DIR`` (default
-``~/.cache/onorm``, private to the user) keyed by source, compiler, flags and CPU. Without
+The library is compiled with ``$CXX`` (default ``g++``), as TorchInductor compiles its own
+CPU kernels, and cached under ``$ONORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/onorm``, else
+``~/.cache/onorm``; it must be private to the user) keyed by source, compiler, flags and CPU. Without
 a compiler the layer keeps the scans; where the build fails it does too, and one warning
 says why.
 """
@@ -47,15 +47,18 @@ _SIGNATURES = {
 
 
 def supports(x3: Tensor) -> bool:
-    """Whether the kernels can run activations ``x3`` (``(N, C, S)``): CPU, float32/64, dense or contiguous, eager.
+    """Whether the kernels run activations ``x3`` (``(N, C, S)``): CPU, float32/64, eager, not channels_last.
 
-    Inside a graph being compiled (``torch.compile`` of a model) the scans run instead:
-    they trace, a foreign function call does not.
+    Other strided layouts are copied to the contiguous one the kernels read. channels_last
+    (channels innermost) keeps the scans, which the compiler fuses for that layout. Inside a
+    graph being compiled (``torch.compile`` of a model) the scans run too: they trace, a
+    foreign function call does not.
     """
+    channels_last = x3.shape[2] > 1 and not x3.is_contiguous() and x3.transpose(1, 2).is_contiguous()
     return (
         x3.device.type == "cpu"
         and x3.dtype in _TYPES
-        and (x3.shape[2] == 1 or x3.is_contiguous())
+        and not channels_last
         and not torch.compiler.is_compiling()
         and library() is not None
     )
@@ -94,15 +97,15 @@ def _layout(x3: Tensor) -> tuple[str, Tensor]:
 
 
 def _per_channel(x: Tensor, *vectors: Tensor) -> list[Tensor]:
-    """``vectors`` as contiguous ``(C,)`` tensors of ``x``'s dtype; a ValueError for any other size.
+    """``vectors`` as contiguous ``(C,)`` tensors; a ValueError for any other shape.
 
     The kernel reads and writes ``C`` values through each pointer: a wrong size would be
     out-of-bounds memory access, not an exception.
     """
     channels = x.shape[1]
     for vector in vectors:
-        if vector.shape != (channels,) or vector.dtype != x.dtype:
-            raise ValueError(f"per-channel tensor of shape {tuple(vector.shape)} ({vector.dtype}) for {channels} channels ({x.dtype})")
+        if vector.shape != (channels,):
+            raise ValueError(f"per-channel tensor of shape {tuple(vector.shape)} for {channels} channels")
     return [vector.contiguous() for vector in vectors]
 
 
@@ -122,7 +125,7 @@ def _call(name: str, *args) -> None:
 
 @functools.cache
 def cxx_compiler() -> str | None:
-    """The C++ compiler TorchInductor would use (``$CXX``, default ``g++``), or None; looked up once (PATH walks are slow)."""
+    """The C++ compiler (``$CXX``, default ``g++``), or None; looked up once (PATH walks are slow)."""
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
@@ -223,9 +226,16 @@ def _cache_dir() -> Path:
 
 
 def _check_private(path: Path) -> None:
-    """Refuse a cache folder or library that another user could have written: it is code we would run."""
+    """Refuse a cache folder or library that another user could have written or redirected: it is code we would run."""
     if not hasattr(os, "getuid"):
         return
     info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise BuildError(f"{path} is a link, not owned by this user, or writable by others; it may not hold code to run")
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif info.st_uid != os.getuid():
+        problem = "belongs to another user"
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = "is writable by others"
+    else:
+        return
+    raise BuildError(f"{path} {problem}; it may not hold code to run")
