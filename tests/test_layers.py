@@ -228,3 +228,16 @@ def test_differentiating_the_backward_again_is_an_error(shape):
     (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)  # grad_out depends on x
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["no-samples", "no-positions"])
+def test_an_empty_input_passes_through_and_leaves_the_stream_alone(shape):
+    """As BatchNorm: an empty output, and the statistics unchanged (not NaN from a mean over nothing)."""
+    layer = OnlineNorm2d(3)
+    before = {name: getattr(layer, name).clone() for name in STATE_BUFFERS}
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == shape and x.grad.shape == shape
+    for name, value in before.items():
+        assert torch.equal(getattr(layer, name), value), name

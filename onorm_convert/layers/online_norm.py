@@ -100,7 +100,7 @@ class OnlineNormBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         clamp = self.clamp_value if self.ecm == CLAMP else None
-        if self.training and x.shape[0] > 0:
+        if self.training and x.numel() > 0:  # an empty batch (or empty positions) is no sample of the stream
             state = StreamState(self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
             # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
             z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
