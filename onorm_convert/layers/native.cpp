@@ -134,34 +134,92 @@ inline void row_moments(const T* row, int64_t count, A& mean, A& var) {
     var = squares / A(count);
 }
 
+// One channel of a spatial kernel: the doc's constants, its parameters, and its recurrent state
+// while the kernel walks the stream.
+template <typename T>
+struct RowChannel {
+    A a, b, ab, e, keep, cb;  // alpha_fwd, 1 - alpha_fwd, their product, eps, alpha_bkw, 1 - alpha_bkw
+    T m0, beta, lim;
+    A gamma, drift = 0, var, u = 0, v = 0, sum_gy = 0, sum_g = 0;
+
+    RowChannel(double alpha_fwd, double alpha_bkw, double eps, double limit, T mean0, A var0, A gamma_, T beta_)
+        : a(alpha_fwd), b(1 - alpha_fwd), ab(alpha_fwd * (1 - alpha_fwd)), e(eps), keep(alpha_bkw),
+          cb(1 - alpha_bkw), m0(mean0), beta(beta_), lim(T(limit)), gamma(gamma_), var(var0) {}
+
+    // One sample's row of `count` values: its moments, and the affine map before the clamp. x - mu_prev
+    // is one float subtraction from mu_prev rounded once: as exact as the data allows however far the
+    // stream has drifted from m0, and exactly 0 for data at m0 while it has not drifted.
+    struct Step {
+        A m, s, d, inv_k;
+        T center, scale;
+    };
+    Step step(const T* row, int64_t count) const {
+        Step st;
+        row_moments(row, count, st.m, st.s);
+        st.d = (st.m - A(m0)) - drift;
+        st.inv_k = 1 / std::sqrt(var + e);
+        st.center = T(A(m0) + drift);
+        st.scale = T(st.inv_k * gamma);
+        return st;
+    }
+    void advance(const Step& st) {
+        var = a * var + b * st.s + ab * (st.d * st.d);
+        drift += b * st.d;
+    }
+
+    void forward(const T* row, T* out, int64_t count) {
+        const Step st = step(row, count);
+        const T center = st.center, scale = st.scale, offset = beta, limit = lim;
+#pragma omp simd
+        for (int64_t p = 0; p < count; ++p) out[p] = clamp_to((row[p] - center) * scale + offset, limit);
+        advance(st);
+    }
+
+    void backward(const T* row, const T* grow, T* dxrow, int64_t count) {
+        const Step st = step(row, count);  // the forward's statistics, recomputed: the same clamp mask
+        const T center = st.center, scale = st.scale, offset = beta, limit = lim;
+        const A inv_k = st.inv_k, d = st.d, n = A(count);
+        A sum_gz = 0, sum_gz_xc = 0;  // gz: the gradient where the clamp let it through
+#pragma omp simd reduction(+ : sum_gz, sum_gz_xc)
+        for (int64_t p = 0; p < count; ++p) {
+            const T xc = row[p] - center, g_out = grow[p];
+            const T gz = std::fabs(xc * scale + offset) <= limit ? g_out : T(0);
+            sum_gz += A(gz);
+            sum_gz_xc += A(gz) * A(xc);
+        }
+        // v and u advance by the means of g' y and dL/dx (the doc's backward, per sample).
+        const A mean_gz_y = sum_gz_xc * inv_k / n, mean_y2 = (st.s + d * d) * inv_k * inv_k;
+        const A v_prev = v, u_prev = u;
+        v = v * (1 - cb * mean_y2) + mean_gz_y * gamma;
+        u = keep * u + (sum_gz * gamma / n - cb * v_prev * d * inv_k) * inv_k;
+        sum_gy += sum_gz_xc * inv_k;
+        sum_g += sum_gz;
+        // dL/dx = gz gamma / k - (1-ab) v_prev (x - mu_prev) / k^2 - (1-ab) u_prev
+        const T grad_coef = T(gamma * inv_k), xc_coef = T(-cb * v_prev * inv_k * inv_k), constant = T(-cb * u_prev);
+#pragma omp simd
+        for (int64_t p = 0; p < count; ++p) {
+            const T xc = row[p] - center, g_out = grow[p];
+            const T gz = std::fabs(xc * scale + offset) <= limit ? g_out : T(0);
+            dxrow[p] = gz * grad_coef + xc * xc_coef + constant;
+        }
+        advance(st);
+    }
+};
+
 template <typename T>
 void spatial_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t positions, const T* mean0,
                      const T* var0, const T* gamma, const T* beta, double alpha_fwd, double eps, double limit,
                      T* mean_out, T* var_out, int threads) {
-    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
     const int team = channels < threads ? int(channels) : threads;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
-        A drift = 0, var = var0[c];
-        const T m0 = mean0[c];
+        RowChannel<T> ch(alpha_fwd, 0, eps, limit, mean0[c], var0[c], gamma[c], beta[c]);
         for (int64_t t = 0; t < n; ++t) {
-            const T* row = x + (t * channels + c) * positions;
-            T* out = z + (t * channels + c) * positions;
-            A m, s;
-            row_moments(row, positions, m, s);
-            const A d = (m - A(m0)) - drift;
-            const A inv_k = 1 / std::sqrt(var + e);
-            // x - mu_prev as one float subtraction from mu_prev rounded once: as exact as the data
-            // allows however far the stream has drifted from m0, and exactly 0 for data at m0 while
-            // it has not drifted.
-            const T center = T(A(m0) + drift), scale = T(inv_k * A(gamma[c])), offset = beta[c], lim = T(limit);
-#pragma omp simd
-            for (int64_t p = 0; p < positions; ++p) out[p] = clamp_to((row[p] - center) * scale + offset, lim);
-            var = a * var + b * s + ab * (d * d);
-            drift += b * d;
+            const int64_t at = (t * channels + c) * positions;  // sample t, channel c
+            ch.forward(x + at, z + at, positions);
         }
-        mean_out[c] = T(A(m0) + drift);
-        var_out[c] = T(var);
+        mean_out[c] = T(A(ch.m0) + ch.drift);
+        var_out[c] = T(ch.var);
     }
 }
 
@@ -170,55 +228,23 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
                       const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
                       double alpha_bkw, double eps, double limit, T* u_io, T* v_io, T* grad_weight, T* grad_bias,
                       int threads) {
-    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
-    const A keep = alpha_bkw, cb = 1 - alpha_bkw, count = A(positions);
     const int team = channels < threads ? int(channels) : threads;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
-        A drift = 0, var = var0[c], u = u_io[c], v = v_io[c], sum_gy = 0, sum_g = 0;
-        const T m0 = mean0[c];
-        const A gm = gamma[c];
+        RowChannel<T> ch(alpha_fwd, alpha_bkw, eps, limit, mean0[c], var0[c], gamma[c], beta[c]);
+        ch.u = u_io[c];
+        ch.v = v_io[c];
         for (int64_t t = 0; t < n; ++t) {
-            const size_t offset_t = (t * channels + c) * positions;
-            const T *row = x + offset_t, *grow = grad + offset_t;
-            T* dxrow = grad_x + offset_t;
-            A m, s;
-            row_moments(row, positions, m, s);  // the forward's statistics, recomputed
-            const A d = (m - A(m0)) - drift;
-            const A inv_k = 1 / std::sqrt(var + e);
-            const T center = T(A(m0) + drift), scale = T(inv_k * gm), offset = beta[c], lim = T(limit);
-            A sum_gz = 0, sum_gz_xc = 0;  // gz: the gradient where the clamp let it through
-#pragma omp simd reduction(+ : sum_gz, sum_gz_xc)
-            for (int64_t p = 0; p < positions; ++p) {
-                const T xc = row[p] - center, g_out = grow[p];
-                const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
-                sum_gz += A(gz);
-                sum_gz_xc += A(gz) * A(xc);
-            }
-            // v and u advance by the means of g' y and dL/dx (the doc's backward, per sample).
-            const A mean_gz_y = sum_gz_xc * inv_k / count, mean_y2 = (s + d * d) * inv_k * inv_k;
-            const A v_prev = v, u_prev = u;
-            v = v * (1 - cb * mean_y2) + mean_gz_y * gm;
-            u = keep * u + (sum_gz * gm / count - cb * v_prev * d * inv_k) * inv_k;
-            sum_gy += sum_gz_xc * inv_k;
-            sum_g += sum_gz;
-            // dL/dx = gz gamma / k - (1-ab) v_prev (x - mu_prev) / k^2 - (1-ab) u_prev
-            const T grad_coef = T(gm * inv_k), xc_coef = T(-cb * v_prev * inv_k * inv_k), constant = T(-cb * u_prev);
-#pragma omp simd
-            for (int64_t p = 0; p < positions; ++p) {
-                const T xc = row[p] - center, g_out = grow[p];
-                const T gz = std::fabs(xc * scale + offset) <= lim ? g_out : T(0);
-                dxrow[p] = gz * grad_coef + xc * xc_coef + constant;
-            }
-            var = a * var + b * s + ab * (d * d);
-            drift += b * d;
+            const int64_t at = (t * channels + c) * positions;  // sample t, channel c
+            ch.backward(x + at, grad + at, grad_x + at, positions);
         }
-        u_io[c] = T(u);
-        v_io[c] = T(v);
-        grad_weight[c] = T(sum_gy);
-        grad_bias[c] = T(sum_g);
+        u_io[c] = T(ch.u);
+        v_io[c] = T(ch.v);
+        grad_weight[c] = T(ch.sum_gy);
+        grad_bias[c] = T(ch.sum_g);
     }
 }
+
 
 }  // namespace
 
@@ -237,9 +263,9 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
     }
 
 #define ONORM_EXPORT_SPATIAL(T, SUFFIX)                                                                              \
-    extern "C" void onorm_spatial_forward_##SUFFIX(const T* x, T* z, int64_t n, int64_t c, int64_t s, const T* mean0, \
-                                                   const T* var0, const T* gamma, const T* beta, double alpha_fwd,    \
-                                                   double eps, double limit, T* mean_out, T* var_out, int threads) {  \
+    extern "C" void onorm_spatial_forward_##SUFFIX(                                                                   \
+        const T* x, T* z, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0, const T* gamma,             \
+        const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {            \
         spatial_forward(x, z, n, c, s, mean0, var0, gamma, beta, alpha_fwd, eps, limit, mean_out, var_out, threads);  \
     }                                                                                                                 \
     extern "C" void onorm_spatial_backward_##SUFFIX(                                                                  \
