@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
-from onorm_convert.layers import STATE_BUFFERS
+from onorm_convert.layers import STATE_BUFFERS, native
 from conftest import native_kernels
 from reference import ReferenceOnlineNorm
 
@@ -17,7 +17,10 @@ SHAPES = {  # (layer class, per-sample shape after the batch dim)
     "1d-seq": (OnlineNorm1d, (5, 7)),
     "2d": (OnlineNorm2d, (5, 3, 4)),
     "3d": (OnlineNorm3d, (5, 2, 3, 2)),
+    "2d-channels-last": (OnlineNorm2d, (5, 3, 4)),
+    "3d-channels-last": (OnlineNorm3d, (5, 2, 3, 2)),
 }
+MEMORY_FORMATS = {"2d-channels-last": torch.channels_last, "3d-channels-last": torch.channels_last_3d}
 TOLERANCE = {torch.float64: dict(rtol=0, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -57,7 +60,8 @@ def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, d
     reference = _reference_for(layer)
     tol = TOLERANCE[dtype]
     for step in range(3):
-        x = (torch.randn((batch, *sample_shape), dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_(True)
+        x = (torch.randn((batch, *sample_shape), dtype=torch.float64) * 2 + 0.5).to(dtype)
+        x = x.contiguous(memory_format=MEMORY_FORMATS.get(kind, torch.contiguous_format)).requires_grad_(True)
         grad_out = torch.randn(x.shape, dtype=torch.float64).to(dtype)
         layer.zero_grad()
         with native_kernels(path == "native"):
@@ -199,13 +203,16 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_compiled_kernels_match_eager(monkeypatch, layout):
-    """Compiled code computes what the eager ops compute: the native kernels (contiguous
-    activations) and the TorchInductor-fused passes (channels_last: same Python functions)."""
+@pytest.mark.parametrize("compiled", ["native", "inductor"])
+def test_compiled_kernels_match_eager(monkeypatch, compiled, layout):
+    """Compiled code computes what the eager ops compute: the native kernels, and the
+    TorchInductor-fused scans (the same Python functions; used where the kernels cannot be built)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(8, 6, 5, 5) * 2 + 1).contiguous(memory_format=memory_format)
     grad = torch.randn(8, 6, 5, 5)
+    if compiled == "inductor":
+        monkeypatch.setattr(native, "supports", lambda x3: False)
     results = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("ONORM_COMPILE", setting)
@@ -215,9 +222,9 @@ def test_compiled_kernels_match_eager(monkeypatch, layout):
             out = layer(x_in)
             out.backward(grad)
         results[setting] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
-    for eager, compiled in zip(results["0"], results["1"]):
+    for eager, compiled_result in zip(results["0"], results["1"]):
         # Two float32 evaluations that sum in different orders (channels_last most of all).
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["dense", "2d"])

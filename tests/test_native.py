@@ -38,15 +38,19 @@ def test_the_kernels_are_built_and_chosen_for_dense_and_contiguous_cpu_activatio
     channels_last = torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).reshape(4, 3, -1)
     strided = torch.zeros(8, 3, 2)[::2]  # a view reshape keeps: copied for the kernel
     with native_kernels(True):
-        assert use_native(dense) and use_native(dense.double()) and use_native(rows) and use_native(strided)
-        assert not use_native(channels_last) and not use_native(dense.half())
+        assert use_native(dense) and use_native(dense.double()) and use_native(rows)
+        assert use_native(strided) and use_native(channels_last) and not use_native(dense.half())
     with native_kernels(False):  # ONORM_COMPILE=0: no compiled code at all
         assert not use_native(dense) and not use_native(rows)
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape", [(256, 1024), (8, 64, 14, 14)], ids=["dense", "2d"])
-def test_benchmark_shapes_match_the_reference_over_three_steps(shape):
+@pytest.mark.parametrize("shape, memory_format", [
+    ((256, 1024), torch.contiguous_format),
+    ((8, 64, 14, 14), torch.contiguous_format),
+    ((8, 64, 14, 14), torch.channels_last),
+], ids=["dense", "2d", "2d-channels-last"])  # fmt: skip
+def test_benchmark_shapes_match_the_reference_over_three_steps(shape, memory_format):
     """The benchmark's dense shape and a conv shape, float32, default alphas: every output, gradient and state."""
     torch.manual_seed(0)
     layer = (OnlineNorm1d if len(shape) == 2 else OnlineNorm2d)(shape[1])
@@ -55,7 +59,7 @@ def test_benchmark_shapes_match_the_reference_over_three_steps(shape):
         layer.bias.normal_()
     reference = reference_of(layer)
     for step in range(3):
-        x, grad_out = torch.randn(shape) * 2 + 1, torch.randn(shape)
+        x, grad_out = (torch.randn(shape) * 2 + 1).contiguous(memory_format=memory_format), torch.randn(shape)
         with native_kernels(True):
             actual = layer_step(layer, x, grad_out)
         assert_matches(actual, reference_step(reference, x, grad_out), F32_RTOL, f"step {step}")
@@ -281,8 +285,9 @@ def test_no_home_folder_is_a_warning_not_a_crash(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["rows", "channels-last"])
 @pytest.mark.parametrize("seed", [14, 18, 23])
-def test_a_stream_far_from_its_starting_mean_loses_no_precision(seed):
+def test_a_stream_far_from_its_starting_mean_loses_no_precision(seed, memory_format):
     """Data at 1e-3 +- 1e-3 meeting a stream whose mean starts near N(0, 1), alpha 0.5: x - mu_prev
     is formed from mu_prev itself, so float32 is as accurate as the per-sample loop (once 40-60x worse)."""
     torch.manual_seed(seed)
@@ -295,7 +300,7 @@ def test_a_stream_far_from_its_starting_mean_loses_no_precision(seed):
         layer.weight.uniform_(-1.5, 1.5)
         layer.bias.normal_()
     reference, loop = reference_of(layer), reference_of(layer, torch.float32)
-    x = ((torch.randn(17, 2, 3, 3, 3, dtype=torch.float64) + 1) * 1e-3).float()
+    x = ((torch.randn(17, 2, 3, 3, 3, dtype=torch.float64) + 1) * 1e-3).float().contiguous(memory_format=memory_format)
     grad_out = torch.randn(x.shape)
     with native_kernels(True):
         actual = layer_step(layer, x, grad_out)

@@ -24,17 +24,23 @@ namespace {
 
 // Channel blocks [c0, c1) spread over the threads; each block walks the whole stream. A block's
 // state (a few doubles per channel) stays in L1 cache; its rows are whole cache lines.
-constexpr int64_t kBlock = 256;
+constexpr int64_t kDenseBlock = 256;
 
 template <typename F>
-void for_channel_blocks(int64_t channels, int threads, F body) {
-    const int64_t blocks = (channels + kBlock - 1) / kBlock;
+void for_channel_blocks(int64_t channels, int64_t width, int threads, F body) {
+    const int64_t blocks = (channels + width - 1) / width;
     const int team = blocks < threads ? int(blocks) : threads;  // no thread woken without a block
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
-        const int64_t c0 = block * kBlock;
-        body(c0, c0 + kBlock < channels ? c0 + kBlock : channels);
+        const int64_t c0 = block * width;
+        body(c0, c0 + width < channels ? c0 + width : channels);
     }
+}
+
+// channels_last: one block of whole cache lines per thread, so each position's slice is contiguous.
+inline int64_t channels_last_width(int64_t channels, int threads) {
+    const int64_t share = (channels + threads - 1) / threads;
+    return (share + 15) / 16 * 16;
 }
 
 using A = double;  // the arithmetic and the recurrent state, whatever the activations' dtype
@@ -48,7 +54,7 @@ template <typename T>
 void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
              const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
-    for_channel_blocks(channels, threads, [&](int64_t c0, int64_t c1) {
+    for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
         std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1);
@@ -77,7 +83,7 @@ void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t cha
               const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,
               T* v_io, T* grad_weight, T* grad_bias, int threads) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps, cb = 1 - alpha_bkw;
-    for_channel_blocks(channels, threads, [&](int64_t c0, int64_t c1) {
+    for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
         std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1), u(u_io + c0, u_io + c1),
@@ -246,6 +252,151 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
 }
 
 
+
+// channels_last (N, S, C): a sample's positions are rows of C channels. A block of channels per
+// thread walks the stream, vectorized across its channels as the dense kernel; per sample it reads
+// the block's slice of every position row once for the moments (one pass, shifted by mean0) and
+// once more for the output (twice more backward).
+template <typename T>
+struct ColumnBlock {
+    int64_t c0, w;
+    A a, b, ab, e, keep, cb;
+    T lim;
+    std::vector<A> drift, var, u, v, sum_gy, sum_g, s1, s2, d, inv_k, m, sv;
+    std::vector<T> m0, beta, gamma, center, scale;
+
+    ColumnBlock(int64_t c0_, int64_t c1, const T* mean0, const T* var0, const T* gamma_, const T* beta_,
+                double alpha_fwd, double alpha_bkw, double eps, double limit)
+        : c0(c0_), w(c1 - c0_), a(alpha_fwd), b(1 - alpha_fwd), ab(alpha_fwd * (1 - alpha_fwd)), e(eps),
+          keep(alpha_bkw), cb(1 - alpha_bkw), lim(T(limit)), drift(w, 0.0), var(var0 + c0, var0 + c1), u(w, 0.0),
+          v(w, 0.0), sum_gy(w, 0.0), sum_g(w, 0.0), s1(w), s2(w), d(w), inv_k(w), m(w), sv(w),
+          m0(mean0 + c0, mean0 + c1), beta(beta_ + c0, beta_ + c1), gamma(gamma_ + c0, gamma_ + c1), center(w),
+          scale(w) {}
+
+    // One sample (its slab starts at xt, rows `stride` apart): per channel the mean and biased variance,
+    // summed in float64 around mean0 in one pass (a channel at the stream's mean gives exactly 0), and
+    // the affine map before the clamp, exactly as forward and backward both need it.
+    void step(const T* xt, int64_t positions, int64_t stride) {
+        A *p1 = s1.data(), *p2 = s2.data();
+        const T* mu0 = m0.data();
+        for (int64_t j = 0; j < w; ++j) p1[j] = p2[j] = 0;
+        for (int64_t p = 0; p < positions; ++p) {
+            const T* row = xt + p * stride;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+                const A rel = A(row[j]) - A(mu0[j]);
+                p1[j] += rel;
+                p2[j] += rel * rel;
+            }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            const A rel_mean = s1[j] / A(positions), spread = s2[j] / A(positions) - rel_mean * rel_mean;
+            sv[j] = spread > 0 ? spread : 0;  // rounding may leave a constant channel at -0-ish
+            d[j] = rel_mean - drift[j];
+            inv_k[j] = 1 / std::sqrt(var[j] + e);
+            center[j] = T(A(m0[j]) + drift[j]);
+            scale[j] = T(inv_k[j] * A(gamma[j]));
+        }
+    }
+    void advance() {
+        for (int64_t j = 0; j < w; ++j) {
+            var[j] = a * var[j] + b * sv[j] + ab * (d[j] * d[j]);
+            drift[j] += b * d[j];
+        }
+    }
+};
+
+template <typename T>
+void channels_last_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t positions, const T* mean0,
+                           const T* var0, const T* gamma, const T* beta, double alpha_fwd, double eps, double limit,
+                           T* mean_out, T* var_out, int threads) {
+    for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
+        ColumnBlock<T> blk(c0, c1, mean0, var0, gamma, beta, alpha_fwd, 0, eps, limit);
+        const int64_t w = blk.w;
+        const T *cn = blk.center.data(), *sc = blk.scale.data(), *o = blk.beta.data(), lim = blk.lim;
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t sample = t * positions * channels + c0;
+            blk.step(x + sample, positions, channels);
+            for (int64_t p = 0; p < positions; ++p) {
+                const T* row = x + sample + p * channels;
+                T* out = z + sample + p * channels;
+#pragma omp simd
+                for (int64_t j = 0; j < w; ++j) out[j] = clamp_to((row[j] - cn[j]) * sc[j] + o[j], lim);
+            }
+            blk.advance();
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            mean_out[c0 + j] = T(A(blk.m0[j]) + blk.drift[j]);
+            var_out[c0 + j] = T(blk.var[j]);
+        }
+    });
+}
+
+template <typename T>
+void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
+                            const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
+                            double alpha_bkw, double eps, double limit, T* u_io, T* v_io, T* grad_weight,
+                            T* grad_bias, int threads) {
+    for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
+        ColumnBlock<T> blk(c0, c1, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit);
+        const int64_t w = blk.w;
+        for (int64_t j = 0; j < w; ++j) {
+            blk.u[j] = u_io[c0 + j];
+            blk.v[j] = v_io[c0 + j];
+        }
+        std::vector<A> sum_gz(w), sum_gz_xc(w);
+        std::vector<T> grad_coef(w), xc_coef(w), constant(w);
+        const T *cn = blk.center.data(), *sc = blk.scale.data(), *o = blk.beta.data(), lim = blk.lim;
+        A *sgz = sum_gz.data(), *sgzx = sum_gz_xc.data();
+        const T *gc = grad_coef.data(), *xcc = xc_coef.data(), *cs = constant.data();
+        const A count = A(positions);
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t sample = t * positions * channels + c0;
+            blk.step(x + sample, positions, channels);  // the forward's statistics, recomputed: the same mask
+            for (int64_t j = 0; j < w; ++j) sgz[j] = sgzx[j] = 0;
+            for (int64_t p = 0; p < positions; ++p) {
+                const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
+#pragma omp simd
+                for (int64_t j = 0; j < w; ++j) {
+                    const T xc = row[j] - cn[j], g_out = grow[j];
+                    const T gz = std::fabs(xc * sc[j] + o[j]) <= lim ? g_out : T(0);
+                    sgz[j] += A(gz);
+                    sgzx[j] += A(gz) * A(xc);
+                }
+            }
+            for (int64_t j = 0; j < w; ++j) {  // v and u advance by the means of g' y and dL/dx
+                const A k1 = blk.inv_k[j], dj = blk.d[j], gm = A(blk.gamma[j]);
+                const A mean_gz_y = sgzx[j] * k1 / count, mean_y2 = (blk.sv[j] + dj * dj) * k1 * k1;
+                const A v_prev = blk.v[j], u_prev = blk.u[j];
+                blk.v[j] = v_prev * (1 - blk.cb * mean_y2) + mean_gz_y * gm;
+                blk.u[j] = blk.keep * u_prev + (sgz[j] * gm / count - blk.cb * v_prev * dj * k1) * k1;
+                blk.sum_gy[j] += sgzx[j] * k1;
+                blk.sum_g[j] += sgz[j];
+                grad_coef[j] = T(gm * k1);
+                xc_coef[j] = T(-blk.cb * v_prev * k1 * k1);
+                constant[j] = T(-blk.cb * u_prev);
+            }
+            for (int64_t p = 0; p < positions; ++p) {
+                const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
+                T* dxrow = grad_x + sample + p * channels;
+#pragma omp simd
+                for (int64_t j = 0; j < w; ++j) {
+                    const T xc = row[j] - cn[j], g_out = grow[j];
+                    const T gz = std::fabs(xc * sc[j] + o[j]) <= lim ? g_out : T(0);
+                    dxrow[j] = gz * gc[j] + xc * xcc[j] + cs[j];
+                }
+            }
+            blk.advance();
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            u_io[c0 + j] = T(blk.u[j]);
+            v_io[c0 + j] = T(blk.v[j]);
+            grad_weight[c0 + j] = T(blk.sum_gy[j]);
+            grad_bias[c0 + j] = T(blk.sum_g[j]);
+        }
+    });
+}
+
 }  // namespace
 
 #define ONORM_EXPORT(T, SUFFIX)                                                                                      \
@@ -262,21 +413,24 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
                  grad_weight, grad_bias, threads);                                                                    \
     }
 
-#define ONORM_EXPORT_SPATIAL(T, SUFFIX)                                                                              \
-    extern "C" void onorm_spatial_forward_##SUFFIX(                                                                   \
+// The spatial and channels_last kernels share one signature: sizes (N, C, S) of the batch.
+#define ONORM_EXPORT_ROWS(T, SUFFIX, LAYOUT)                                                                          \
+    extern "C" void onorm_##LAYOUT##_forward_##SUFFIX(                                                                \
         const T* x, T* z, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0, const T* gamma,             \
         const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {            \
-        spatial_forward(x, z, n, c, s, mean0, var0, gamma, beta, alpha_fwd, eps, limit, mean_out, var_out, threads);  \
+        LAYOUT##_forward(x, z, n, c, s, mean0, var0, gamma, beta, alpha_fwd, eps, limit, mean_out, var_out, threads); \
     }                                                                                                                 \
-    extern "C" void onorm_spatial_backward_##SUFFIX(                                                                  \
+    extern "C" void onorm_##LAYOUT##_backward_##SUFFIX(                                                               \
         const T* grad, const T* x, T* grad_x, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0,         \
         const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,         \
         T* v_io, T* grad_weight, T* grad_bias, int threads) {                                                         \
-        spatial_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io,  \
-                         v_io, grad_weight, grad_bias, threads);                                                      \
+        LAYOUT##_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io, \
+                          v_io, grad_weight, grad_bias, threads);                                                     \
     }
 
 ONORM_EXPORT(float, f32)
 ONORM_EXPORT(double, f64)
-ONORM_EXPORT_SPATIAL(float, f32)
-ONORM_EXPORT_SPATIAL(double, f64)
+ONORM_EXPORT_ROWS(float, f32, spatial)
+ONORM_EXPORT_ROWS(double, f64, spatial)
+ONORM_EXPORT_ROWS(float, f32, channels_last)
+ONORM_EXPORT_ROWS(double, f64, channels_last)

@@ -5,8 +5,8 @@ per-sample statistics as ``(N, C)`` tensors, several passes over the activations
 compiler (TorchInductor) to fuse them. The C++ kernels instead walk the stream once per
 pass, each channel on its own, and recompute the forward state in backward: a training
 step reads the activations once each way and keeps nothing of their size but the input.
-Dense ``(N, C)`` and ``(N, C, S)`` activations run here on CPU, except channels_last ones,
-which keep the scans (other strided layouts are copied).
+Dense ``(N, C)``, contiguous ``(N, C, S)`` and channels_last activations each have a kernel
+here on CPU; other strided layouts are copied to the contiguous one.
 
 The library is compiled with ``$CXX`` (default ``g++``), as TorchInductor compiles its own
 CPU kernels, and cached under ``$ONORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/onorm``, else
@@ -44,21 +44,19 @@ _SIGNATURES = {
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
     "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, _P, _P, _P, _P, ctypes.c_int],
 }
+_SIGNATURES.update({name.replace("spatial", "channels_last"): types for name, types in _SIGNATURES.items() if "spatial" in name})
 
 
 def supports(x3: Tensor) -> bool:
-    """Whether the kernels run activations ``x3`` (``(N, C, S)``): CPU, float32/64, eager, not channels_last.
+    """Whether the kernels run activations ``x3`` (``(N, C, S)``): CPU, float32/64, eager.
 
-    Other strided layouts are copied to the contiguous one the kernels read. channels_last
-    (channels innermost) keeps the scans, which the compiler fuses for that layout. Inside a
-    graph being compiled (``torch.compile`` of a model) the scans run too: they trace, a
-    foreign function call does not.
+    Any layout: dense, contiguous and channels_last each have a kernel, and other strides
+    are copied to the contiguous layout. Inside a graph being compiled (``torch.compile`` of
+    a model) the scans run instead: they trace, a foreign function call does not.
     """
-    channels_last = x3.shape[2] > 1 and not x3.is_contiguous() and x3.transpose(1, 2).is_contiguous()
     return (
         x3.device.type == "cpu"
         and x3.dtype in _TYPES
-        and not channels_last
         and not torch.compiler.is_compiling()
         and library() is not None
     )
@@ -70,30 +68,55 @@ def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit:
     The contract of :func:`.functional.forward_pass` without its saved tensors:
     :func:`backward` recomputes what it needs from ``mean0`` and ``var0``.
     """
-    name, x = _layout(x3)
+    layout = _layout(x3)
+    x = _to_kernel(layout, x3)
     mean0, var0, gamma, offset = _per_channel(x3, mean0, var0, gamma, offset)
     z = torch.empty_like(x)
     mean_last, var_last = torch.empty_like(mean0), torch.empty_like(var0)
-    _call(f"onorm_{name}_forward", x, z, *x.shape, mean0, var0, gamma, offset, alpha_fwd, eps, limit, mean_last, var_last)
-    return z.reshape(x3.shape), mean_last, var_last
+    _call(f"onorm_{layout}_forward", x, z, *_sizes(layout, x3), mean0, var0, gamma, offset, alpha_fwd, eps, limit,
+          mean_last, var_last)  # fmt: skip
+    return _from_kernel(layout, z, x3), mean_last, var_last
 
 
 def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit):
     """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``."""
-    name, x = _layout(x3)
-    _, grad = _layout(grad3)
+    layout = _layout(x3)
+    x, grad = _to_kernel(layout, x3), _to_kernel(layout, grad3)
     mean0, var0, gamma, offset, u0, v0 = _per_channel(x3, mean0, var0, gamma, offset, u0, v0)
     grad_x = torch.empty_like(x)
     u_last, v_last = u0.clone(), v0.clone()  # advanced in place by the kernel
     grad_weight, grad_bias = torch.empty_like(gamma), torch.empty_like(gamma)
-    _call(f"onorm_{name}_backward", grad, x, grad_x, *x.shape, mean0, var0, gamma, offset,
+    _call(f"onorm_{layout}_backward", grad, x, grad_x, *_sizes(layout, x3), mean0, var0, gamma, offset,
           alpha_fwd, alpha_bkw, eps, limit, u_last, v_last, grad_weight, grad_bias)  # fmt: skip
-    return grad_x.reshape(x3.shape), grad_weight, grad_bias, u_last, v_last
+    return _from_kernel(layout, grad_x, x3), grad_weight, grad_bias, u_last, v_last
 
 
-def _layout(x3: Tensor) -> tuple[str, Tensor]:
-    """The kernel for ``x3`` and the contiguous tensor it takes: ``dense`` ``(N, C)`` or ``spatial`` ``(N, C, S)``."""
-    return ("dense", x3[:, :, 0].contiguous()) if x3.shape[2] == 1 else ("spatial", x3.contiguous())
+def _layout(x3: Tensor) -> str:
+    """The kernel for activations ``x3`` (``(N, C, S)``): ``dense``, ``channels_last`` or ``spatial``.
+
+    channels_last means channels innermost (``x3.transpose(1, 2)`` contiguous); any other
+    strides are copied to the contiguous layout of ``spatial``.
+    """
+    if x3.shape[2] == 1:
+        return "dense"
+    return "channels_last" if not x3.is_contiguous() and x3.transpose(1, 2).is_contiguous() else "spatial"
+
+
+def _to_kernel(layout: str, t3: Tensor) -> Tensor:
+    """``t3`` (``(N, C, S)``) as the contiguous tensor the layout's kernel reads: ``(N, C)``, ``(N, S, C)`` or ``(N, C, S)``."""
+    if layout == "dense":
+        return t3[:, :, 0].contiguous()
+    return (t3.transpose(1, 2) if layout == "channels_last" else t3).contiguous()
+
+
+def _from_kernel(layout: str, t: Tensor, like3: Tensor) -> Tensor:
+    """The kernel's output ``t`` as ``(N, C, S)`` like ``like3``; channels_last stays channels_last (a view)."""
+    return t.transpose(1, 2) if layout == "channels_last" else t.reshape(like3.shape)
+
+
+def _sizes(layout: str, x3: Tensor) -> tuple[int, ...]:
+    """The sizes the layout's kernel takes: ``(N, C)`` for dense, else ``(N, C, S)``."""
+    return tuple(x3.shape[:2]) if layout == "dense" else tuple(x3.shape)
 
 
 def _per_channel(x: Tensor, *vectors: Tensor) -> list[Tensor]:
