@@ -1,7 +1,7 @@
 """OnlineNorm vs BatchNorm: forward + backward time and peak memory, as ratios in one process.
 
-Training mode, float32, CPU, 2 threads, ResNet-50 activation shapes at batch 32 and one
-dense shape. OnlineNorm uses ECM clamp with affine; BatchNorm is affine. Both see the
+Training mode, float32, CPU, 2 threads, ResNet-50 activation shapes at batch 32 (contiguous,
+the targets' layout, and channels_last for information) and one dense shape. OnlineNorm uses ECM clamp with affine; BatchNorm is affine. Both see the
 same input and output-gradient tensors, interleaved run by run so drift hits both alike.
 
     python benchmarks/bench_layer.py [--repeats 9] [--quick] [--json results.json]
@@ -43,11 +43,17 @@ def train_step(layer, x, grad):
     layer(x).backward(grad)
 
 
-def time_pair(shape, repeats):
+def activations(shape, channels_last=False):
+    """Random ``(x, grad)`` of ``shape``, in the channels_last memory format if asked."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x, grad = (torch.randn(shape).contiguous(memory_format=memory_format) for _ in range(2))
+    return x.requires_grad_(True), grad
+
+
+def time_pair(shape, repeats, channels_last=False):
     """Median seconds of one forward+backward for (OnlineNorm, BatchNorm)."""
     online, batch = layer_pair(shape)
-    x = torch.randn(shape).requires_grad_(True)
-    grad = torch.randn(shape)
+    x, grad = activations(shape, channels_last)
     for layer in (online, batch):  # warm-up: allocator, kernels, first-touch pages
         for _ in range(2):
             train_step(layer, x, grad)
@@ -60,7 +66,7 @@ def time_pair(shape, repeats):
     return statistics.median(times[id(online)]), statistics.median(times[id(batch)])
 
 
-def peak_memory_pair(shape):
+def peak_memory_pair(shape, channels_last=False):
     """Peak live bytes during one forward+backward above what was live before it, (OnlineNorm, BatchNorm).
 
     Read from PyTorch's memory profiler timeline, with the input and output gradient already
@@ -68,8 +74,7 @@ def peak_memory_pair(shape):
     """
     peaks = []
     for layer in layer_pair(shape):
-        x = torch.randn(shape).requires_grad_(True)
-        grad = torch.randn(shape)
+        x, grad = activations(shape, channels_last)
         train_step(layer, x, grad)  # warm-up (and compile)
         x.grad = None
         with torch.profiler.profile(
@@ -81,6 +86,10 @@ def peak_memory_pair(shape):
         live = [sum(per_category) for per_category in sizes]
         peaks.append(max(live) - live[0])
     return tuple(peaks)
+
+
+def geometric_mean(ratios: list[float]) -> float:
+    return math.exp(sum(map(math.log, ratios)) / len(ratios))
 
 
 def main(argv=None) -> int:
@@ -98,24 +107,27 @@ def main(argv=None) -> int:
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'shape':>22} {'OnlineNorm ms':>14} {'BatchNorm ms':>13} {'ratio':>7} {'target':>7} {'mem ratio':>10}")
-    for shape in [*conv_shapes, dense_shape]:
-        t_on, t_bn = time_pair(shape, args.repeats)
-        m_on, m_bn = peak_memory_pair(shape)
-        kind = "conv" if len(shape) == 4 else "dense"
+    cases = [(shape, False) for shape in [*conv_shapes, dense_shape]] + [(shape, True) for shape in conv_shapes]
+    for shape, channels_last in cases:
+        t_on, t_bn = time_pair(shape, args.repeats, channels_last)
+        m_on, m_bn = peak_memory_pair(shape, channels_last)
+        kind = "dense" if len(shape) == 2 else "conv_channels_last" if channels_last else "conv"
         row = {"shape": list(shape), "kind": kind, "online_ms": t_on * 1e3, "batchnorm_ms": t_bn * 1e3,
                "ratio": t_on / t_bn, "online_peak_bytes": m_on, "batchnorm_peak_bytes": m_bn,
                "memory_ratio": m_on / m_bn if m_bn else float("nan")}  # fmt: skip
         rows.append(row)
-        print(f"{str(shape):>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
-              f"{TARGETS[kind]:6.1f}x {row['memory_ratio']:9.2f}x")  # fmt: skip
-    conv_ratios = [r["ratio"] for r in rows if r["kind"] == "conv"]
-    geomean = math.exp(sum(map(math.log, conv_ratios)) / len(conv_ratios))
+        label = f"{shape}{' CL' if channels_last else ''}"
+        print(f"{label:>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
+              f"{f'{TARGETS[kind]:.1f}x' if kind in TARGETS else '-':>7} {row['memory_ratio']:9.2f}x")  # fmt: skip
+    geomeans = {kind: geometric_mean([r["ratio"] for r in rows if r["kind"] == kind]) for kind in ("conv", "conv_channels_last")}
     worst_memory = max(r["memory_ratio"] for r in rows)
-    print(f"conv geometric mean {geomean:.2f}x (target {TARGETS['conv_geomean']}x); "
+    print(f"conv geometric mean {geomeans['conv']:.2f}x (target {TARGETS['conv_geomean']}x); "
+          f"channels_last (BatchNorm in channels_last too, no target) {geomeans['conv_channels_last']:.2f}x; "
           f"worst memory ratio {worst_memory:.2f}x (target {TARGETS['memory']}x)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows, "conv_geomean": geomean}, handle, indent=2)
+            summary = {"conv_geomean": geomeans["conv"], "conv_channels_last_geomean": geomeans["conv_channels_last"]}
+            json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows, **summary}, handle, indent=2)
     return 0
 
 

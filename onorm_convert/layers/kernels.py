@@ -7,9 +7,9 @@ layer compiles its whole forward and backward (these passes plus the per-batch s
 into a few fused loops. :func:`kernel` decides: ``ONORM_COMPILE=auto`` (the default) for
 float32 activations of at least ``COMPILE_MIN_ELEMENTS`` on CPU when a C++ compiler is
 present, ``1`` for every float32 input, ``0`` never. Eager and compiled run the same
-Python functions, so they compute the same thing. Before any of this, dense and contiguous
-activations on CPU take the native kernels of :mod:`.native` (:func:`use_native`), which
-need none of these passes; ``ONORM_COMPILE=0`` turns those off too.
+Python functions, so they compute the same thing. Before any of this, activations on CPU
+take the native kernels of :mod:`.native` (:func:`use_native`), which need none of these
+passes; ``ONORM_COMPILE=0`` turns those off too.
 
 All take activations viewed as ``(N, C, S)`` and per-sample-per-channel coefficients
 shaped ``(N, C, 1)``. The clamp mask is recomputed from ``x`` in backward rather than

@@ -11,6 +11,8 @@
 //   the channel loop innermost (contiguous, vectorized).
 // - spatial (N, C, S), contiguous: sample t's channel c is one row of S values, read from
 //   memory once per pass while it fits in cache (its mean, variance and output re-read it).
+// - channels_last (N, S, C): a block of channels per thread, vectorized across channels;
+//   each sample's slice is read once for its moments and once for the output.
 //
 // The equations are those of shared/docs/online-norm.md in the form functional.py uses: the
 // mean carried as its drift from mean0, so data at the stream's mean gives exactly y = 0.
