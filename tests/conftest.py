@@ -31,7 +31,7 @@ def eager_kernels():
     For tests over many shapes and layouts: each new one would recompile the
     torch.compile'd passes (seconds each). Eager and compiled passes are the same Python
     functions, so the math is the same; tests/test_layers.py covers the compiled path.
-    Dense and contiguous activations still take the native kernels, built once per session.
+    Every CPU layout still takes the native kernels, built once per session.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "COMPILE_MIN_ELEMENTS", float("inf"))
@@ -42,8 +42,8 @@ def eager_kernels():
 def native_kernels(enabled: bool):
     """Layers on the native kernels (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
 
-    What does not take the native kernels (channels_last) runs eager ops wherever the
-    tensors stay below torch.compile's size threshold, as most tests' do. Where a C++ compiler is
+    With the kernels off, the scans run as eager ops wherever the tensors stay below
+    torch.compile's size threshold, as most tests' do. Where a C++ compiler is
     present the kernels must be there: a failed build may not silently turn the native
     cases into scan cases.
     """

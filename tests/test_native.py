@@ -32,7 +32,7 @@ def fresh_library():
 
 
 @needs_compiler
-def test_the_kernels_are_built_and_chosen_for_dense_and_contiguous_cpu_activations():
+def test_the_kernels_are_built_and_chosen_for_every_cpu_layout():
     assert native.library() is not None
     dense, rows = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
     channels_last = torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).reshape(4, 3, -1)
@@ -306,3 +306,18 @@ def test_a_stream_far_from_its_starting_mean_loses_no_precision(seed, memory_for
         actual = layer_step(layer, x, grad_out)
     expected = reference_step(reference, x, grad_out)
     assert_no_worse_than_loop(actual, expected, reference_step(loop, x, grad_out), 10, 1e-6, f"seed {seed}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["rows", "channels-last"])
+def test_data_far_from_the_stream_mean_keeps_float64_precision(memory_format):
+    """alpha_fwd = 0 (the variance is the sample's own), data at 1000 +- 1e-3 against a stream at 0: the
+    moments are taken around the sample itself, so float64 stays exact (around 0 they lost 6 digits)."""
+    torch.manual_seed(0)
+    layer = OnlineNorm2d(8, alpha_fwd=0.0).double()
+    reference = reference_of(layer)
+    x = (torch.randn(4, 8, 16, 16, dtype=torch.float64) * 1e-3 + 1000).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    with native_kernels(True):
+        actual = layer_step(layer, x, grad_out)
+    assert_matches(actual, reference_step(reference, x, grad_out), 1e-8)

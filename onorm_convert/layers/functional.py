@@ -4,9 +4,9 @@ The equations are those of ``shared/docs/online-norm.md``. Training mode treats 
 samples of a batch as a stream in index order. Every per-sample recurrence is linear
 in its state, so each is evaluated for the whole batch by :func:`linear_scan` on the
 ``(N, C)`` per-sample statistics; the activations themselves are read in two passes
-forward and two backward, as BatchNorm does (see :mod:`.kernels`). On CPU, dense and
-contiguous activations take the native kernels instead (:mod:`.native`): one pass each
-way, a sequential scan per channel, saving nothing per sample for backward.
+forward and two backward, as BatchNorm does (see :mod:`.kernels`). On CPU the native
+kernels run instead (:mod:`.native`): one pass each way, a sequential scan per channel,
+saving nothing per sample for backward.
 
 Notation (per sample ``t`` and channel): ``m``/``s`` are the spatial mean and biased
 variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the sample,

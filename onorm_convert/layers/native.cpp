@@ -275,26 +275,27 @@ struct ColumnBlock {
           m0(mean0 + c0, mean0 + c1), beta(beta_ + c0, beta_ + c1), gamma(gamma_ + c0, gamma_ + c1), center(w),
           scale(w) {}
 
-    // One sample (its slab starts at xt, rows `stride` apart): per channel the mean and biased variance,
-    // summed in float64 around mean0 in one pass (a channel at the stream's mean gives exactly 0), and
-    // the affine map before the clamp, exactly as forward and backward both need it.
+    // One sample (its slab starts at xt, rows `stride` apart): per channel the mean and biased variance
+    // in one pass, summed in float64 around the sample's own first position (within its spread of the
+    // mean, so E[r^2] - E[r]^2 does not cancel; a constant channel gives exactly 0), and the affine map
+    // before the clamp, exactly as forward and backward both need it.
     void step(const T* xt, int64_t positions, int64_t stride) {
         A *p1 = s1.data(), *p2 = s2.data();
-        const T* mu0 = m0.data();
+        const T* first = xt;
         for (int64_t j = 0; j < w; ++j) p1[j] = p2[j] = 0;
         for (int64_t p = 0; p < positions; ++p) {
             const T* row = xt + p * stride;
 #pragma omp simd
             for (int64_t j = 0; j < w; ++j) {
-                const A rel = A(row[j]) - A(mu0[j]);
+                const A rel = A(row[j]) - A(first[j]);
                 p1[j] += rel;
                 p2[j] += rel * rel;
             }
         }
         for (int64_t j = 0; j < w; ++j) {
             const A rel_mean = s1[j] / A(positions), spread = s2[j] / A(positions) - rel_mean * rel_mean;
-            sv[j] = spread > 0 ? spread : 0;  // rounding may leave a constant channel at -0-ish
-            d[j] = rel_mean - drift[j];
+            sv[j] = spread < 0 ? 0 : spread;  // rounding may leave a tiny negative; NaN stays NaN
+            d[j] = (rel_mean + (A(first[j]) - A(m0[j]))) - drift[j];  // exactly 0 for data at an undrifted mean0
             inv_k[j] = 1 / std::sqrt(var[j] + e);
             center[j] = T(A(m0[j]) + drift[j]);
             scale[j] = T(inv_k[j] * A(gamma[j]));
