@@ -7,7 +7,9 @@ training step keeps for backward, and what happens where the kernels cannot be b
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 
 import pytest
 import torch
@@ -321,3 +323,20 @@ def test_data_far_from_the_stream_mean_keeps_float64_precision(memory_format):
     with native_kernels(True):
         actual = layer_step(layer, x, grad_out)
     assert_matches(actual, reference_step(reference, x, grad_out), 1e-8)
+
+
+@needs_compiler
+def test_a_new_build_prunes_month_old_builds_and_partial_files_only(tmp_path):
+    """Old builds (earlier onorm versions) and leftovers of killed builds go; recent ones and strangers stay."""
+    old, recent = time.time() - native.STALE_SECONDS - 60, time.time() - 60
+    files = {
+        "onorm_native_0123456789abcdef0123.so": old,  # an old version's build
+        ".build-killed.so": old,  # a killed build's leftover
+        "onorm_native_fedcba9876543210fedc.so": recent,  # another version, in use
+        "notes.txt": old,  # not ours
+    }
+    for name, stamp in files.items():
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (stamp, stamp))
+    built = native.build(native.cxx_compiler(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, "onorm_native_fedcba9876543210fedc.so", "notes.txt"])

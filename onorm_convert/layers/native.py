@@ -17,6 +17,7 @@ says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -207,12 +209,28 @@ def build(compiler: str, cache_dir: Path) -> Path:
             done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(partial, target)
+                _prune(cache_dir, keep=target)
                 return target
             errors.append(f"{compiler} failed: {_error_line(done.stderr, done.returncode)}")
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
     raise BuildError(errors[-1])
+
+
+# Builds of other sources (older onorm versions) and partial builds of killed processes are
+# removed once this old: a version still in use is rebuilt in a second, a running build never
+# takes this long.
+STALE_SECONDS = 30 * 24 * 3600
+
+
+def _prune(cache_dir: Path, keep: Path) -> None:
+    """Remove stale builds from ``cache_dir`` (see ``STALE_SECONDS``); never ``keep``, never anything else."""
+    cutoff = time.time() - STALE_SECONDS
+    for path in [*cache_dir.glob("onorm_native_*.so"), *cache_dir.glob(".build-*.so")]:
+        with contextlib.suppress(OSError):  # another process may prune or use it at the same moment
+            if path != keep and path.lstat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
