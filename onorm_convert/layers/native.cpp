@@ -142,6 +142,28 @@ inline void row_moments(const T* row, int64_t count, A& mean, A& var) {
     var = squares / A(count);
 }
 
+// The doc's backward control for one sample of one channel, from the sums over its `count` positions
+// of gz (the gradient the clamp let through) and gz * (x - mu_prev): v and u advance by the means of
+// g' y and dL/dx, the parameter gradients accumulate, and the result is the input gradient's
+// coefficients, dL/dx = gz * grad + (x - mu_prev) * xc + constant.
+template <typename T>
+struct InputGrad {
+    T grad, xc, constant;
+};
+
+template <typename T>
+inline InputGrad<T> control_step(A sum_gz, A sum_gz_xc, A s, A d, A inv_k, A gamma, A count, A keep, A cb, A& u,
+                                 A& v, A& sum_gy, A& sum_g) {
+    const A mean_gz_y = sum_gz_xc * inv_k / count, mean_y2 = (s + d * d) * inv_k * inv_k;
+    const A v_prev = v, u_prev = u;
+    v = v_prev * (1 - cb * mean_y2) + mean_gz_y * gamma;
+    u = keep * u_prev + (sum_gz * gamma / count - cb * v_prev * d * inv_k) * inv_k;
+    sum_gy += sum_gz_xc * inv_k;
+    sum_g += sum_gz;
+    // dL/dx = gz gamma / k - (1-ab) v_prev (x - mu_prev) / k^2 - (1-ab) u_prev
+    return {T(gamma * inv_k), T(-cb * v_prev * inv_k * inv_k), T(-cb * u_prev)};
+}
+
 // One channel of a spatial kernel: the doc's constants, its parameters, and its recurrent state
 // while the kernel walks the stream.
 template <typename T>
@@ -195,15 +217,9 @@ struct RowChannel {
             sum_gz += A(gz);
             sum_gz_xc += A(gz) * A(xc);
         }
-        // v and u advance by the means of g' y and dL/dx (the doc's backward, per sample).
-        const A mean_gz_y = sum_gz_xc * inv_k / n, mean_y2 = (st.s + d * d) * inv_k * inv_k;
-        const A v_prev = v, u_prev = u;
-        v = v * (1 - cb * mean_y2) + mean_gz_y * gamma;
-        u = keep * u + (sum_gz * gamma / n - cb * v_prev * d * inv_k) * inv_k;
-        sum_gy += sum_gz_xc * inv_k;
-        sum_g += sum_gz;
-        // dL/dx = gz gamma / k - (1-ab) v_prev (x - mu_prev) / k^2 - (1-ab) u_prev
-        const T grad_coef = T(gamma * inv_k), xc_coef = T(-cb * v_prev * inv_k * inv_k), constant = T(-cb * u_prev);
+        const InputGrad<T> coef =
+            control_step<T>(sum_gz, sum_gz_xc, st.s, d, inv_k, gamma, n, keep, cb, u, v, sum_gy, sum_g);
+        const T grad_coef = coef.grad, xc_coef = coef.xc, constant = coef.constant;
 #pragma omp simd
         for (int64_t p = 0; p < count; ++p) {
             const T xc = row[p] - center, g_out = grow[p];
@@ -367,17 +383,13 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
                     sgzx[j] += A(gz) * A(xc);
                 }
             }
-            for (int64_t j = 0; j < w; ++j) {  // v and u advance by the means of g' y and dL/dx
-                const A k1 = blk.inv_k[j], dj = blk.d[j], gm = A(blk.gamma[j]);
-                const A mean_gz_y = sgzx[j] * k1 / count, mean_y2 = (blk.sv[j] + dj * dj) * k1 * k1;
-                const A v_prev = blk.v[j], u_prev = blk.u[j];
-                blk.v[j] = v_prev * (1 - blk.cb * mean_y2) + mean_gz_y * gm;
-                blk.u[j] = blk.keep * u_prev + (sgz[j] * gm / count - blk.cb * v_prev * dj * k1) * k1;
-                blk.sum_gy[j] += sgzx[j] * k1;
-                blk.sum_g[j] += sgz[j];
-                grad_coef[j] = T(gm * k1);
-                xc_coef[j] = T(-blk.cb * v_prev * k1 * k1);
-                constant[j] = T(-blk.cb * u_prev);
+            for (int64_t j = 0; j < w; ++j) {
+                const InputGrad<T> coef = control_step<T>(sgz[j], sgzx[j], blk.sv[j], blk.d[j], blk.inv_k[j],
+                                                          A(blk.gamma[j]), count, blk.keep, blk.cb, blk.u[j],
+                                                          blk.v[j], blk.sum_gy[j], blk.sum_g[j]);
+                grad_coef[j] = coef.grad;
+                xc_coef[j] = coef.xc;
+                constant[j] = coef.constant;
             }
             for (int64_t p = 0; p < positions; ++p) {
                 const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;

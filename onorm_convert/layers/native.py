@@ -165,7 +165,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        library = ctypes.CDLL(str(build(compiler, _cache_dir())))
+        loaded = ctypes.CDLL(str(build(compiler, _cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # BuildError is a RuntimeError
         warnings.warn(
             f"onorm: native kernels unavailable ({err}); using the slower scan implementation "
@@ -175,9 +175,9 @@ def library() -> ctypes.CDLL | None:
         return None
     for stem, argtypes in _SIGNATURES.items():
         for suffix in _TYPES.values():
-            function = getattr(library, f"{stem}_{suffix}")
+            function = getattr(loaded, f"{stem}_{suffix}")
             function.argtypes, function.restype = argtypes, None
-    return library
+    return loaded
 
 
 class BuildError(RuntimeError):
