@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, VerificationError
+from .errors import BadInputError, OptionError, VerificationError
 from .fold import non_finite_state
 from .verify import labelled_tensors
 from .inputs import random_inputs, run_model
@@ -327,9 +327,9 @@ def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
 def _check_options(options: ConvertOptions) -> None:
     for name in ("alpha_fwd", "alpha_bkw"):
         if not 0.0 <= getattr(options, name) < 1.0:
-            raise BadInputError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be in [0, 1), e.g. 0.999")
+            raise OptionError(name, getattr(options, name), "must be in [0, 1), e.g. 0.999")
     if not options.clamp_value > 0:
-        raise BadInputError(f"--clamp-value {options.clamp_value}: must be positive, e.g. 5")
+        raise OptionError("clamp_value", options.clamp_value, "must be positive, e.g. 5")
 
 
 def _refuse_lazy(model: nn.Module) -> None:

@@ -5,7 +5,9 @@ Recognized contents:
 * a state dict, or a training checkpoint holding one (``{"state_dict": ...}``,
   ``{"model_state_dict": ...}``, ``{"model": ...}`` or ``key=NAME``), read with
   ``torch.load(weights_only=True)``; the module is built by ``arch="package.module:factory"``;
-* onorm's own checkpoint (:mod:`onorm_convert.checkpoint`), rebuilt without flags;
+* onorm's own checkpoint (:mod:`onorm_convert.checkpoint`), rebuilt without flags when this
+  user's onorm signed it (:mod:`onorm_convert.trust`); any other names code chosen by
+  whoever wrote it, so it needs ``arch`` (the user names the code) or ``trust=True``;
 * a pickled module (``torch.save(model)``): unpickling runs code from the file, so only
   with ``trust=True``.
 
@@ -20,6 +22,7 @@ import importlib
 import os
 import pickle
 import re
+import stat
 import sys
 import warnings
 import zipfile
@@ -33,13 +36,28 @@ from torch import Tensor, nn
 
 from .checkpoint import is_checkpoint, validate_checkpoint
 from .convert import ConversionWarning, convert
-from .errors import BadInputError, first_line
+from .errors import BadInputError, OptionError, first_line, quoted
+from .trust import signed_by_this_user
 
 PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "onorm_checkpoint"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training checkpoints usually keep one
 _ZIP_MAGIC = b"PK\x03\x04"
 _SHOWN_NAMES = 5  # names listed in an error before "and N more"
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+@dataclass(frozen=True)
+class CodeOrigin:
+    """Who named the model code and its keyword arguments, so that messages name them and the right fix."""
+
+    arch: str = "--arch"  # how a message names the arch
+    kwargs: str | None = "--arch-kwargs"  # how it names the kwargs; None when there are none
+    mismatch_fix: str = "check --arch and --arch-kwargs"  # what to do when the weights do not fit the model
+
+    @classmethod
+    def user(cls, kwargs_given: bool) -> CodeOrigin:
+        """Code named by the user's ``arch`` (``--arch``), with or without ``--arch-kwargs``."""
+        return cls(kwargs="--arch-kwargs" if kwargs_given else None)
 
 
 @dataclass
@@ -66,8 +84,10 @@ def read_model(
 
     ``arch`` builds the module for a state dict (it overrides the one recorded in an onorm
     checkpoint); ``key`` picks the state dict inside a training checkpoint; ``trust`` allows
-    unpickling a whole module, which runs code from the file. Raises BadInputError with one
-    line saying what is wrong and what to do.
+    what runs code chosen by the file: unpickling a whole module, or importing the code an
+    onorm checkpoint names when this user's onorm did not sign it. Nothing the file names is
+    imported or called without that consent. Raises BadInputError with one line saying what
+    is wrong and what to do.
     """
     path = Path(path)
     _check_readable(path)
@@ -75,7 +95,7 @@ def read_model(
     with _cwd_importable():
         obj = _safe_load(path, trust)
         if is_checkpoint(obj):
-            return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs)
+            return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs, trust)
         found, used_key = _select(obj, key, path)
         if isinstance(found, nn.Module):
             return LoadedModel(found, PICKLED_MODULE, info={"key": used_key})
@@ -84,7 +104,7 @@ def read_model(
                 f"{path}: holds a state dict ({len(found)} entries) but no model code; pass --arch package.module:factory "
                 "(and --arch-kwargs JSON) naming the function that builds the model"
             )
-        module = build_arch(arch, arch_kwargs or {})
+        module = build_arch(arch, arch_kwargs or {}, CodeOrigin.user(arch_kwargs is not None))
         load_state_dict_checked(module, found, path)
         return LoadedModel(module, STATE_DICT, arch, dict(arch_kwargs or {}), info={"key": used_key})
 
@@ -94,43 +114,59 @@ def load_model(path: Path | str, **kwargs: Any) -> nn.Module:
     return read_model(path, **kwargs).module
 
 
-def build_arch(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
-    """Import ``"package.module:factory"`` (current directory importable) and call it with ``arch_kwargs``."""
+def build_arch(arch: str, arch_kwargs: Mapping[str, Any], origin: CodeOrigin = CodeOrigin()) -> nn.Module:
+    """Import ``"package.module:factory"`` (current directory importable) and call it with ``arch_kwargs``.
+
+    This runs the code ``arch`` names: call it only for code the user consented to.
+    ``origin`` says who named it, for the messages.
+    """
+    where = f"{origin.arch} {arch!r}"
     module_name, _, attr = arch.partition(":")
     if not module_name or not attr:
-        raise BadInputError(f"--arch {arch!r}: expected package.module:factory, e.g. torchvision.models:resnet18")
+        raise BadInputError(f"{where}: expected package.module:factory, e.g. torchvision.models:resnet18")
     with _cwd_importable():
         try:
             namespace = importlib.import_module(module_name)
         except Exception as err:  # noqa: BLE001 - any import failure is the user's code or path
             raise BadInputError(
-                f"--arch {arch!r}: cannot import {module_name!r} ({type(err).__name__}: {first_line(err)}); "
+                f"{where}: cannot import {module_name!r} ({type(err).__name__}: {first_line(err)}); "
                 "run onorm from the folder that contains it or install the package"
             ) from err
     factory = namespace
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise BadInputError(f"--arch {arch!r}: {module_name!r} has no attribute {attr!r}; check the name after ':'")
+            raise BadInputError(f"{where}: {module_name!r} has no attribute {attr!r}; check the name after ':'")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise BadInputError(f"--arch {arch!r}: {attr!r} is a {type(factory).__name__}, not callable; name a class or function")
+        raise BadInputError(f"{where}: {attr!r} is a {type(factory).__name__}, not callable; name a class or function")
     try:
         module = factory(**arch_kwargs)
     except Exception as err:  # noqa: BLE001 - the factory is user code
-        raise BadInputError(
-            f"--arch {arch!r}: calling it with --arch-kwargs {dict(arch_kwargs)} failed "
-            f"({type(err).__name__}: {first_line(err)}); fix --arch-kwargs"
-        ) from err
+        raise BadInputError(f"{where}: {_call_failure(origin, arch_kwargs)} ({type(err).__name__}: {first_line(err)}); {_call_fix(origin)}") from err
     if not isinstance(module, nn.Module):
-        raise BadInputError(f"--arch {arch!r}: returned a {type(module).__name__}, not a torch.nn.Module; name a model factory")
+        raise BadInputError(f"{where}: returned a {type(module).__name__}, not a torch.nn.Module; name a model factory")
     return module
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: Path | str) -> None:
+def _call_failure(origin: CodeOrigin, arch_kwargs: Mapping[str, Any]) -> str:
+    return f"calling it with {origin.kwargs} {dict(arch_kwargs)} failed" if origin.kwargs else "calling it without arguments failed"
+
+
+def _call_fix(origin: CodeOrigin) -> str:
+    if origin.kwargs == "--arch-kwargs":
+        return "fix --arch-kwargs"
+    if origin.kwargs:
+        return f"pass --arch-kwargs to replace {origin.kwargs}"
+    return "pass --arch-kwargs if it needs arguments"
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: Path | str, origin: CodeOrigin = CodeOrigin()) -> None:
     """Load ``state_dict`` into ``module`` exactly; BadInputError naming missing, unexpected or misshaped keys.
 
     A state dict saved from ``nn.DataParallel`` (every key prefixed ``module.``) is accepted.
+    ``origin`` says who named the code that built ``module``, for the messages.
     """
+    source = quoted(source)
     state_dict = _strip_data_parallel_prefix(module, state_dict)
     expected = module.state_dict().keys()
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
@@ -139,18 +175,18 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     problems = [f"{label} {_names(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if problems:
         raise BadInputError(
-            f"{source}: the weights do not match the model built by --arch: {'; '.join(problems)}; check --arch and --arch-kwargs"
+            f"{source}: the weights do not match the model built by {origin.arch}: {'; '.join(problems)}; {origin.mismatch_fix}"
         )
     try:
         module.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # torch reports shape mismatches as one line per tensor
         mismatches = _SIZE_MISMATCH.findall(str(err))
         if not mismatches:
-            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by --arch ({first_line(err)})") from err
+            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by {origin.arch} ({first_line(err)}); {origin.mismatch_fix}") from err
         name, in_file, in_model = mismatches[0]
         raise BadInputError(
-            f"{source}: the weights do not fit the model built by --arch: shapes differ for {_names([m[0] for m in mismatches])} "
-            f"(e.g. {name!r}: {list(_dims(in_file))} in the file, {list(_dims(in_model))} in the model); check --arch and --arch-kwargs"
+            f"{source}: the weights do not fit the model built by {origin.arch}: shapes differ for {_names([m[0] for m in mismatches])} "
+            f"(e.g. {name!r}: {list(_dims(in_file))} in the file, {list(_dims(in_model))} in the model); {origin.mismatch_fix}"
         ) from err
 
 
@@ -159,6 +195,8 @@ def _check_readable(path: Path) -> None:
         raise BadInputError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise BadInputError(f"{path}: is a directory; pass the model file inside it")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read, a device never end
+        raise BadInputError(f"{path}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save")
     if not os.access(path, os.R_OK):
         raise BadInputError(f"{path}: not readable; check its permissions")
     if path.stat().st_size == 0:
@@ -268,6 +306,12 @@ def _select(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, Any] | 
         for candidate in STATE_DICT_KEYS:
             if candidate in obj and (isinstance(obj[candidate], nn.Module) or _is_state_dict(obj[candidate])):
                 return obj[candidate], candidate
+        not_tensors = [name for name, value in obj.items() if not isinstance(value, (Tensor, Mapping, nn.Module)) and value is not None]
+        if any(isinstance(value, Tensor) for value in obj.values()) and not_tensors:
+            raise BadInputError(
+                f"{path}: looks like a state dict, but {_names(not_tensors)} {'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'} "
+                f"(e.g. a {type(obj[not_tensors[0]]).__name__}); save only model.state_dict(), or pass --key NAME"
+            )
         raise BadInputError(f"{path}: no state dict found among the keys {_names(list(obj))}; pass --key NAME to pick it")
     raise BadInputError(f"{path}: holds a {type(obj).__name__}, not a model or state dict; pass a model saved with torch.save")
 
@@ -290,23 +334,59 @@ def _strip_data_parallel_prefix(module: nn.Module, state_dict: Mapping[str, Any]
     return state_dict
 
 
-def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None) -> LoadedModel:
-    """arch(**arch_kwargs), converted with the recorded options, with the recorded state dict loaded."""
+def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None, trust: bool) -> LoadedModel:
+    """arch(**arch_kwargs), converted with the recorded options, with the recorded state dict loaded.
+
+    The recorded arch is imported only with consent (see :func:`_recorded_code_consent`).
+    """
+    consent = "--arch" if arch is not None else _recorded_code_consent(ckpt, path, trust)
+    origin = _checkpoint_origin(path, arch is not None, arch_kwargs is not None, bool(ckpt["arch_kwargs"]))
     arch = arch or ckpt["arch"]
     kwargs = dict(ckpt["arch_kwargs"]) if arch_kwargs is None else dict(arch_kwargs)
     shapes = [tuple(int(d) for d in shape) for shape in ckpt["input_shapes"]]
-    module = build_arch(arch, kwargs)
+    module = build_arch(arch, kwargs, origin)
     with warnings.catch_warnings():  # the notices were shown when the checkpoint was made
         warnings.simplefilter("ignore", ConversionWarning)
         try:
             convert(module, inplace=True, example_shapes=shapes or None, **ckpt["conversion"])
+        except OptionError as err:
+            raise BadInputError(
+                f"{quoted(path)}: onorm checkpoint field 'conversion' holds {err.option}={err.value!r}, which {err.requirement}; "
+                "the file is damaged, convert the model again"
+            ) from err
         except (TypeError, ValueError) as err:  # a recorded option of the wrong type
             raise BadInputError(
-                f"{path}: onorm checkpoint field 'conversion' is malformed ({first_line(err)}); the file is damaged, convert the model again"
+                f"{quoted(path)}: onorm checkpoint field 'conversion' is malformed ({first_line(err)}); the file is damaged, convert the model again"
             ) from err
-    load_state_dict_checked(module, ckpt["state_dict"], path)
-    info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"])}
+    load_state_dict_checked(module, ckpt["state_dict"], path, origin)
+    info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"]), "code_consent": consent}
     return LoadedModel(module, ONORM_CHECKPOINT, arch, kwargs, shapes, info)
+
+
+def _recorded_code_consent(ckpt: Mapping[str, Any], path: Path, trust: bool) -> str:
+    """How the user consented to the code the checkpoint names: "signature" or "--trust"; else BadInputError.
+
+    Checked before anything is imported: importing a module the file names already runs
+    code chosen by the file.
+    """
+    signed, why_not = signed_by_this_user(ckpt["arch"], ckpt["arch_kwargs"], ckpt.get("signature"))
+    if signed:
+        return "signature"
+    if trust:
+        return "--trust"
+    recorded = ckpt["arch"]
+    raise BadInputError(
+        f"{quoted(path)}: this onorm checkpoint names its model code {recorded!r}, but your onorm did not write it ({why_not}), "
+        f"and importing that code would run it; if you know that code, pass --arch {recorded!r}; to run what the file names as it is, pass --trust"
+    )
+
+
+def _checkpoint_origin(path: Path, arch_given: bool, kwargs_given: bool, kwargs_recorded: bool) -> CodeOrigin:
+    """Who named a checkpoint's code and kwargs: the user's flags where given, else the file's fields."""
+    if arch_given:
+        return CodeOrigin.user(kwargs_given)
+    kwargs = "--arch-kwargs" if kwargs_given else ("the checkpoint's arch_kwargs" if kwargs_recorded else None)
+    return CodeOrigin(f"{quoted(path)}: the checkpoint's arch", kwargs, "the file is damaged or its model code changed since; convert the model again or pass --arch")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,14 @@ def private_kernel_cache(tmp_path_factory):
     native.library.cache_clear()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_signing_key(tmp_path_factory):
+    """Each test session signs checkpoints with its own key, never the user's (onorm_convert.trust)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONORM_CONFIG_DIR", str(tmp_path_factory.mktemp("onorm-config")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def eager_kernels():
     """No torch.compile for a whole module: the layers' passes run as eager ops.

@@ -6,6 +6,7 @@ import itertools
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import onnx
 import pytest
@@ -123,7 +124,7 @@ def test_shape_mismatch_names_the_tensors(tmp_path, arch):
         ("{arch}:missing", "has no attribute 'missing'"),
         ("{arch}:NUMBER", "'NUMBER' is a int, not callable"),
         ("{arch}", "expected package.module:factory"),
-        ("{arch}:broken", r"calling it with --arch-kwargs \{\} failed \(RuntimeError: no GPU here\)"),
+        ("{arch}:broken", r"calling it without arguments failed \(RuntimeError: no GPU here\)"),
         ("{arch}:not_a_model", "returned a int, not a torch.nn.Module"),
     ],
 )
@@ -246,7 +247,9 @@ def test_bad_files_are_refused(tmp_path, kind):
     assert "\n" not in str(caught.value) and str(path) in str(caught.value)
 
 
-@pytest.mark.parametrize(("text", "message"), [("{bad", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize(
+    ("text", "message"), [("{bad", "not valid JSON"), ("[1, 2]", "expected a JSON object"), ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply")]
+)
 def test_bad_arch_kwargs(text, message):
     with pytest.raises(BadInputError, match=message):
         parse_arch_kwargs(text)
@@ -269,3 +272,27 @@ def test_damaged_checkpoint_fields_are_bad_input(tmp_path, arch, field, value):
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(BadInputError, match=f"field '{field}' is missing or malformed|field '{field}' is malformed"):
         read_model(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_is_not_a_regular_file(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        path = Path("/dev/zero")  # reading it would never end
+    with pytest.raises(BadInputError, match="is not a regular file \\(a pipe, socket or device\\)"):
+        read_model(path, arch="x:y")
+
+
+def test_a_state_dict_with_a_value_that_is_not_a_tensor_is_named(tmp_path, arch):
+    state = dict(trained(arch).state_dict(), epoch=3)
+    torch.save(state, tmp_path / "sd.pt")
+    with pytest.raises(BadInputError, match="looks like a state dict, but 'epoch' is not a tensor \\(e.g. a int\\)"):
+        read_model(tmp_path / "sd.pt", arch=f"{arch}:net")
+
+
+def test_a_factory_called_without_kwargs_does_not_say_fix_arch_kwargs(tmp_path, arch):
+    torch.save(trained(arch).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(BadInputError, match="calling it without arguments failed .*; pass --arch-kwargs if it needs arguments$"):
+        read_model(tmp_path / "sd.pt", arch=f"{arch}:broken")

@@ -21,6 +21,7 @@ from ..errors import (
     EXIT_OK,
     EXIT_TERMINATED,
     OnormError,
+    OptionError,
     Terminated,
     first_line,
 )
@@ -91,6 +92,8 @@ def failure(err: BaseException) -> tuple[str, int, str]:
         return TERMINATED, EXIT_TERMINATED, "Terminated"
     if interruption is not None:
         return "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt"
+    if isinstance(err, OptionError):
+        return err.as_flag(), err.exit_code, kind
     if isinstance(err, OnormError):
         return str(err), err.exit_code, kind
     if isinstance(err, OSError):

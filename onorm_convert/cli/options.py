@@ -21,7 +21,13 @@ ArchKwargsOpt = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help='JSON object of keyword arguments for --arch, e.g. \'{"num_classes": 10}\'.', show_default=False)
 ]
 KeyOpt = Annotated[Optional[str], typer.Option("--key", help="The key holding the state dict inside a training checkpoint.", show_default=False)]
-TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow unpickling a whole module: this runs code from the file.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust",
+        help="Run code that the file chooses: unpickle a whole module, or import the model code named by an onorm checkpoint that your onorm did not write.",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout instead of text.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for failures.")]
@@ -40,6 +46,8 @@ def parse_arch_kwargs(text: str | None) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadInputError(f"--arch-kwargs {text!r}: not valid JSON ({err.msg} at column {err.colno}); e.g. '{{\"num_classes\": 10}}'") from err
+    except RecursionError as err:
+        raise BadInputError(f"--arch-kwargs: nested too deeply ({len(text)} characters); pass a flat JSON object of keyword arguments") from err
     if not isinstance(value, dict):
         raise BadInputError(f"--arch-kwargs {text!r}: expected a JSON object, e.g. '{{\"num_classes\": 10}}'")
     return value
