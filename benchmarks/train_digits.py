@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
-from onorm_convert.checkpoint import make_checkpoint, save_checkpoint
-from onorm_convert.fold import strip_clamps
+from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
+from onorm_convert.shared import strip_clamps
 from onorm_convert.load import LoadedModel, read_model
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -233,7 +233,7 @@ def export_stripped(model: nn.Module, source: LoadedModel, split: DigitsSplit, w
     import onnxruntime as ort
 
     checkpoint = work_dir / "on_clamp_trained.pt"
-    save_checkpoint(
+    write_checkpoint(
         checkpoint,
         make_checkpoint(
             model, arch=source.arch, arch_kwargs=source.arch_kwargs, conversion=source.info["conversion"],

@@ -1,47 +1,87 @@
-"""The self-describing checkpoint written by ``onorm convert`` for a state dict + ``--arch`` input.
+"""The converted model's file: written by ``onorm convert`` and :func:`save_checkpoint`, read back by ``load``.
 
 A plain dict of tensors and JSON-like values, so ``torch.load(weights_only=True)`` reads it
 and nothing in it runs code::
 
-    {"format": FORMAT_TAG, "format_version": 1, "tool_version": "0.1.0",
-     "arch": "package.module:factory", "arch_kwargs": {...},
-     "signature": "hex",                                    # this user's HMAC of arch + arch_kwargs, or None
-     "conversion": {"ecm": ..., "clamp_value": ..., ...},   # the options given to convert()
-     "input_shapes": [[1, 3, 8, 8], ...],                   # example inputs; [] if none
+    {"format": FORMAT_TAG, "format_version": 2, "tool_version": "0.1.0",
+     "arch": "package.module:factory", "arch_kwargs": {...},  # the code that builds the BatchNorm original
+     "arch_location": "/path/to/package/__init__.py",        # where arch's top-level module was imported from
+     "signature": "hex",                                      # this user's HMAC of the three fields above, or None
+     "layers": {"layer1.0.bn1": {"rank": 2, "config": {...}}, ...},  # each OnlineNorm: class and constructor
+     "conversion": {"ecm": ..., "alpha_fwd": ..., ...},       # the options given to convert(), for the record
+     "input_shapes": [[1, 3, 8, 8], ...],                     # example inputs; [] if none
      "state_dict": {...}}
 
-Rebuilding it (see :func:`onorm_convert.load.read_model`): ``arch(**arch_kwargs)``, converted
-with ``conversion``, then ``state_dict`` loaded. Only a checkpoint signed by this user's
-onorm is rebuilt from its own ``arch`` without consent (:mod:`onorm_convert.trust`).
+Rebuilding it: ``arch(**arch_kwargs)``, each recorded layer swapped for the OnlineNorm its
+entry describes (:func:`restore_layout`), then ``state_dict`` loaded, so the model comes
+back exactly as it was saved. Version 1 files, which recorded no ``layers``, and plain state
+dicts of converted models get their layout from the state dict (:func:`inferred_layout`).
+Only a checkpoint signed by this user's onorm is rebuilt from its own ``arch`` without
+consent (:mod:`onorm_convert.trust`).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import BadInputError
+from .errors import BadInputError, OptionError, quoted
 from .files import write_atomically
-from .trust import KeyUnavailable, sign
+from .layers import ONLINE_NORMS, OnlineNormBase
+from .options import ConvertOptions
+from .shared import swap_modules
+from .trust import KeyUnavailable, code_location, sign
 
 FORMAT_TAG = "onorm_convert.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the layout is recorded ("layers"); 1 recorded only the options
 # package.module:factory, within reason: a recorded arch is shown in messages before anything is imported.
-_ARCH_SPEC = re.compile(r"[A-Za-z_][\w.]{0,199}:[A-Za-z_][\w.]{0,199}")
-
-
+_ARCH_SPEC = re.compile(r"[A-Za-z_][\w.]{0,199}:[A-Za-z_][\w.]{0,199}", re.ASCII)  # ASCII: no look-alike letters
+_SIGNATURE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_MAX_DEPTH = 32  # of arch_kwargs and conversion: deeper is no model's configuration, and would overflow the stack later
 # The keyword arguments of onorm_convert.convert that a checkpoint records.
-CONVERSION_OPTIONS = frozenset({"ecm", "clamp_value", "alpha_fwd", "alpha_bkw", "include", "exclude", "frozen_bn"})
+CONVERSION_OPTIONS = frozenset({option.name for option in fields(ConvertOptions)} | {"include", "exclude", "frozen_bn"})
+# What an OnlineNorm is built from: its constructor's arguments, each kept as an attribute of the same name.
+LAYER_CONFIG = tuple(name for name in inspect.signature(OnlineNormBase.__init__).parameters if name not in ("self", "device", "dtype"))
+_RANKS = {cls: rank for rank, cls in ONLINE_NORMS.items()}
+_BATCH_NORM_RANKS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))
+
+Layout = dict[str, dict[str, Any]]  # qualified name -> {"rank": 1|2|3, "config": {constructor argument: value}}
 
 
 class UnsignedCheckpointWarning(UserWarning):
     """A checkpoint was written without this user's signature: loading it will need --arch or --trust."""
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: Path | str,
+    *,
+    arch: str,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    input_shapes: Sequence[Sequence[int]] = (),
+    replace: bool = True,
+) -> None:
+    """Save a converted ``model`` (trained or not) as a checkpoint that ``onorm export`` and ``load_model`` take.
+
+    ``arch`` is ``"package.module:factory"``, the code that builds the BatchNorm original,
+    called with ``arch_kwargs``. Every OnlineNorm layer is recorded with its settings, so the
+    model is rebuilt exactly as it is, with its current weights and streaming state.
+    ``input_shapes`` are example input shapes that ``onorm export`` then needs no
+    ``--input-shape`` for. The file is written atomically and signed by this user
+    (:mod:`onorm_convert.trust`); an existing ``path`` is replaced unless ``replace=False``,
+    which publishes exclusively (a file that appears meanwhile is kept).
+    """
+    checkpoint = make_checkpoint(model, arch=arch, arch_kwargs=arch_kwargs or {}, conversion=conversion_of(model), input_shapes=input_shapes)
+    write_checkpoint(Path(path), checkpoint, replace=replace)
 
 
 def make_checkpoint(
@@ -59,8 +99,12 @@ def make_checkpoint(
     """
     from . import __version__
 
+    if not _ARCH_SPEC.fullmatch(arch):
+        raise BadInputError(f"arch {arch!r}: expected package.module:factory, the code that builds the BatchNorm original")
+    layers = layout_of(module)
+    location = code_location(arch)
     try:
-        signature = sign(arch, arch_kwargs)
+        signature = sign(arch, arch_kwargs, location)
     except KeyUnavailable as err:
         warnings.warn(f"the checkpoint is not signed ({err}); loading it will need --arch {arch} or --trust", UnsignedCheckpointWarning, stacklevel=2)
         signature = None
@@ -70,16 +114,91 @@ def make_checkpoint(
         "tool_version": __version__,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
+        "arch_location": location,
         "signature": signature,
+        "layers": layers,
         "conversion": dict(conversion),
         "input_shapes": [list(shape) for shape in input_shapes],
         "state_dict": {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()},
     }
 
 
-def save_checkpoint(path: Path, checkpoint: Mapping[str, Any]) -> None:
-    """Write ``checkpoint`` to ``path`` atomically (temp file beside it, fsync, rename)."""
-    write_atomically(Path(path), lambda tmp: torch.save(dict(checkpoint), tmp))
+def write_checkpoint(path: Path, checkpoint: Mapping[str, Any], *, replace: bool = True) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (temp file beside it, fsync, rename; see ``files.publish``)."""
+    write_atomically(Path(path), lambda tmp: torch.save(dict(checkpoint), tmp), replace=replace)
+
+
+def conversion_of(model: nn.Module) -> dict[str, Any]:
+    """The options ``model``'s OnlineNorm layers share, as ``convert`` takes them ({} if they differ)."""
+    settings = {ConvertOptions.of(module) for module in model.modules() if isinstance(module, OnlineNormBase)}
+    return asdict(settings.pop()) if len(settings) == 1 else {}
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """Each OnlineNorm layer of ``model`` (a shared one once, by its first name): its rank and constructor arguments."""
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, OnlineNormBase):
+            if type(module) not in _RANKS:
+                raise BadInputError(f"'{name}' is a {type(module).__name__}; a checkpoint rebuilds onorm's own OnlineNorm1d/2d/3d only")
+            layout[name] = {"rank": _RANKS[type(module)], "config": {key: getattr(module, key) for key in LAYER_CONFIG}}
+    return layout
+
+
+def inferred_layout(module: nn.Module, state_dict: Mapping[str, Any], options: ConvertOptions, source: Path | str) -> Layout:
+    """The layout of a converted model whose file records none, read off its ``state_dict``.
+
+    The layers are those the state dict holds OnlineNorm state for (control accumulators
+    ``u_ctrl``) where ``module`` has a BatchNorm; their width comes from that state, their
+    rank from the BatchNorm's class, ``eps`` from the BatchNorm, the rest from ``options``.
+    """
+    own = module.state_dict().keys()
+    layout = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf != "u_ctrl" or key in own:
+            continue
+        norm = _module_at(module, prefix, source)
+        rank = next((r for cls, r in _BATCH_NORM_RANKS if isinstance(norm, cls)), 2 if type(norm).__name__ == "FrozenBatchNorm2d" else None)
+        if rank is None:
+            raise BadInputError(
+                f"{quoted(source)}: cannot tell from a state dict which OnlineNorm replaced {type(norm).__name__} '{prefix}'; "
+                "save the model with onorm_convert.save_checkpoint(model, path, arch=...), which records it"
+            )
+        affine = f"{prefix}.weight" in state_dict if prefix else "weight" in state_dict
+        config = {**asdict(options), "num_features": value.numel(), "eps": float(norm.eps), "affine": affine}
+        layout[prefix] = {"rank": rank, "config": config}
+    return layout
+
+
+def restore_layout(module: nn.Module, layout: Layout, source: Path | str) -> nn.Module:
+    """``module`` (the BatchNorm original) with each layer of ``layout`` swapped for the OnlineNorm it describes."""
+    replacements = {}
+    for name, entry in layout.items():
+        norm = _module_at(module, name, source)
+        if not (isinstance(norm, (_NormBase, OnlineNormBase)) or type(norm).__name__ == "FrozenBatchNorm2d"):
+            raise BadInputError(
+                f"{quoted(source)}: the checkpoint records an OnlineNorm at '{name}', where the model has a {type(norm).__name__}; "
+                "the file was written for other model code: pass the --arch it was converted from"
+            )
+        try:
+            replacements[id(norm)] = ONLINE_NORMS[entry["rank"]](**entry["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BadInputError(f"{quoted(source)}: onorm checkpoint field 'layers' is malformed at '{name}' ({err}); the file is damaged") from err
+    return swap_modules(module, replacements)
+
+
+def recorded_options(conversion: Mapping[str, Any], source: Path | str) -> ConvertOptions:
+    """The layer options in a checkpoint's ``conversion`` record (defaults for what it lacks); BadInputError naming a bad one."""
+    try:
+        return ConvertOptions(**{option.name: conversion[option.name] for option in fields(ConvertOptions) if option.name in conversion})
+    except OptionError as err:
+        raise BadInputError(
+            f"{quoted(source)}: onorm checkpoint field 'conversion' is malformed: it holds {err.option}={err.value!r}, which {err.requirement}; "
+            "the file is damaged, convert the model again"
+        ) from err
+    except (TypeError, ValueError) as err:  # a recorded option of the wrong type
+        raise BadInputError(f"{quoted(source)}: onorm checkpoint field 'conversion' is malformed ({err}); the file is damaged, convert the model again") from err
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -92,25 +211,72 @@ def validate_checkpoint(obj: Mapping[str, Any], source: Path) -> dict[str, Any]:
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise BadInputError(
-            f"{source}: onorm checkpoint format version {version!r} is not supported (this onorm reads up to "
+            f"{quoted(source)}: onorm checkpoint format version {version!r} is not supported (this onorm reads up to "
             f"{FORMAT_VERSION}); upgrade onorm"
         )
     expected = {"arch": str, "arch_kwargs": Mapping, "conversion": Mapping, "input_shapes": list, "state_dict": Mapping}
+    if version >= 2:
+        expected["layers"] = Mapping
     shapes_ok = all(
-        isinstance(shape, (list, tuple)) and all(isinstance(d, int) and d > 0 for d in shape)
+        isinstance(shape, (list, tuple)) and all(type(d) is int and d > 0 for d in shape)
         for shape in obj.get("input_shapes") or []
     )
-    if not isinstance(obj.get("signature"), (str, type(None))):
-        raise BadInputError(f"{source}: onorm checkpoint field 'signature' is malformed; the file is damaged, convert the model again")
+    optional = {
+        "signature": lambda v: v is None or (isinstance(v, str) and _SIGNATURE.fullmatch(v)),
+        "arch_location": lambda v: v is None or (isinstance(v, str) and len(v) <= 4096),
+        "tool_version": lambda v: v is None or (isinstance(v, str) and len(v) <= 64),
+    }
+    for field, valid in optional.items():
+        if not valid(obj.get(field)):
+            raise BadInputError(f"{quoted(source)}: onorm checkpoint field {field!r} is malformed; the file is damaged, convert the model again")
     for field, kind in expected.items():
         malformed = (
             not isinstance(obj.get(field), kind)
             or (field == "arch" and not _ARCH_SPEC.fullmatch(obj[field]))
-            or (field == "conversion" and not set(obj[field]) <= CONVERSION_OPTIONS)
+            or (field in ("arch_kwargs", "conversion") and not _json_like(obj[field]))
+            or (field == "conversion" and not _is_conversion(obj[field]))
             or (field == "input_shapes" and not shapes_ok)
+            or (field == "layers" and not all(_is_layer_entry(name, entry) for name, entry in obj[field].items()))
         )
         if malformed:
             raise BadInputError(
-                f"{source}: onorm checkpoint field {field!r} is missing or malformed; the file is damaged, convert the model again"
+                f"{quoted(source)}: onorm checkpoint field {field!r} is missing or malformed; the file is damaged, convert the model again"
             )
+    recorded_options(obj["conversion"], source)
     return dict(obj)
+
+
+def _json_like(value: Any, depth: int = 0) -> bool:
+    """Plain data, at most ``_MAX_DEPTH`` deep, with str keys."""
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, Mapping):
+        return all(isinstance(key, str) and _json_like(item, depth + 1) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_json_like(item, depth + 1) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _is_conversion(conversion: Mapping[str, Any]) -> bool:
+    """Known keys only; globs as lists of str, frozen_bn a bool (the layer options are checked by ConvertOptions)."""
+    globs_ok = all(isinstance(conversion.get(k, []), list) and all(isinstance(g, str) for g in conversion.get(k, [])) for k in ("include", "exclude"))
+    return set(conversion) <= CONVERSION_OPTIONS and globs_ok and isinstance(conversion.get("frozen_bn", False), bool)
+
+
+def _is_layer_entry(name: Any, entry: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and isinstance(entry, Mapping)
+        and entry.get("rank") in ONLINE_NORMS
+        and isinstance(entry.get("config"), Mapping)
+        and set(entry["config"]) <= set(LAYER_CONFIG)
+    )
+
+
+def _module_at(model: nn.Module, name: str, source: Path | str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise BadInputError(
+            f"{quoted(source)}: the file holds a layer '{name}' that the model built by the arch code lacks; pass the --arch it was converted from"
+        ) from err

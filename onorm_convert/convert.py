@@ -3,7 +3,7 @@
 Conversion keeps what a trained model computes: each OnlineNorm starts from the
 BatchNorm's ``running_mean``/``running_var``, keeps its ``eps`` and takes over its very
 ``weight``/``bias`` parameters, so in eval mode with the ECM off the converted model
-computes what the original did (:func:`check_conversion` proves it on example inputs).
+computes what the original did (:func:`onorm_convert.verify.check_conversion` proves it on example inputs).
 A layer onorm cannot convert faithfully is left alone with a :class:`ConversionWarning`.
 """
 
@@ -19,30 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, OptionError, VerificationError
-from .fold import non_finite_state
-from .verify import labelled_tensors
+from .errors import BadInputError
 from .inputs import random_inputs, run_model
-from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
+from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
+from .options import ConvertOptions
+from .shared import check_model_values, eval_mode, non_finite_state, swap_modules
 
-ONLINE_NORMS: dict[int, type[OnlineNormBase]] = {1: OnlineNorm1d, 2: OnlineNorm2d, 3: OnlineNorm3d}
 BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-EXACT_RTOL = 1e-5  # the swap with the ECM off must match the original to this relative error
 _BN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
 class ConversionWarning(UserWarning):
     """A layer left alone, statistics started fresh, or nothing to convert."""
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """The OnlineNorm settings every converted layer gets."""
-
-    ecm: str = "clamp"
-    clamp_value: float = 5.0
-    alpha_fwd: float = 0.999
-    alpha_bkw: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -99,10 +87,12 @@ class LayerChange:
 def convert(
     model: nn.Module,
     *,
-    ecm: str | None = "clamp",
-    clamp_value: float = 5.0,
-    alpha_fwd: float = 0.999,
-    alpha_bkw: float = 0.99,
+    ecm: str | None = ConvertOptions.ecm,
+    clamp_value: float = ConvertOptions.clamp_value,
+    alpha_fwd: float = ConvertOptions.alpha_fwd,
+    alpha_bkw: float = ConvertOptions.alpha_bkw,
+    control: str = ConvertOptions.control,
+    clamp_mode: str = ConvertOptions.clamp_mode,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
@@ -111,18 +101,21 @@ def convert(
 ) -> nn.Module:
     """``model`` with its BatchNorms replaced by OnlineNorms; see :func:`convert_with_report`."""
     return convert_with_report(
-        model, ecm=ecm, clamp_value=clamp_value, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw, include=include,
-        exclude=exclude, inplace=inplace, frozen_bn=frozen_bn, example_shapes=example_shapes,
+        model, ecm=ecm, clamp_value=clamp_value, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw, control=control,
+        clamp_mode=clamp_mode, include=include, exclude=exclude, inplace=inplace, frozen_bn=frozen_bn,
+        example_shapes=example_shapes,
     )[0]  # fmt: skip
 
 
 def convert_with_report(
     model: nn.Module,
     *,
-    ecm: str | None = "clamp",
-    clamp_value: float = 5.0,
-    alpha_fwd: float = 0.999,
-    alpha_bkw: float = 0.99,
+    ecm: str | None = ConvertOptions.ecm,
+    clamp_value: float = ConvertOptions.clamp_value,
+    alpha_fwd: float = ConvertOptions.alpha_fwd,
+    alpha_bkw: float = ConvertOptions.alpha_bkw,
+    control: str = ConvertOptions.control,
+    clamp_mode: str = ConvertOptions.clamp_mode,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
@@ -138,12 +131,12 @@ def convert_with_report(
     per normalization layer; emits a :class:`ConversionWarning` for each layer left alone,
     each started from fresh statistics, and when there is nothing to convert.
     """
-    options = ConvertOptions(normalize_ecm(ecm), float(clamp_value), float(alpha_fwd), float(alpha_bkw))
-    _check_options(options)
+    options = ConvertOptions(normalize_ecm(ecm), clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
     _refuse_lazy(model)  # before copying: uninitialized parameters cannot be deep-copied
     if not inplace:
         model = copy.deepcopy(model)
     changes = plan_conversion(model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes)
+    check_model_values(model, "converting")
     replacements = {}
     for change in changes:
         if change.new_type is None:
@@ -152,6 +145,7 @@ def convert_with_report(
             continue
         converter = find_converter(change.module)
         online = converter.to_online(change.module, ONLINE_NORMS[change.dim], options)
+        online.layer_name = change.name  # named in the layer's own errors
         online.train(change.module.training)
         replacements[id(change.module)] = online
         if change.stats.startswith("fresh"):
@@ -163,7 +157,7 @@ def convert_with_report(
             )
     if not replacements:
         warnings.warn("the model has no BatchNorm layer to convert; it is returned unchanged", ConversionWarning, stacklevel=2)
-    return replace_modules(model, replacements), changes
+    return swap_modules(model, replacements), changes
 
 
 def plan_conversion(
@@ -201,17 +195,6 @@ def find_converter(module: nn.Module) -> Converter | None:
     return None
 
 
-def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
-    """Swap every occurrence of each module (keyed by ``id``) under ``model``; shared modules stay shared."""
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is not None and id(child) in replacements:
-                parent._modules[name] = replacements[id(child)]
-    return model
-
-
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """OnlineNorm layers back to BatchNorm with the frozen statistics, for tools that only know BatchNorm.
 
@@ -231,40 +214,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             ConversionWarning,
             stacklevel=2,
         )
-    return replace_modules(model, {id(m): _to_batchnorm(m) for m in online})
-
-
-@dataclass
-class ConversionCheck:
-    """The outputs of the original and converted models compared in eval mode."""
-
-    max_abs_diff: float  # converted as configured (clamp on) vs original
-    exact_rel_diff: float  # converted with the ECM off vs original, relative to the largest output
-    exact: bool  # exact_rel_diff <= EXACT_RTOL
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-able fields, with the tolerance used."""
-        return {**self.__dict__, "tolerance": EXACT_RTOL}
-
-
-def check_conversion(original: nn.Module, converted: nn.Module, inputs: Sequence[Tensor]) -> ConversionCheck:
-    """Run both models in eval mode on ``inputs``: the largest output difference as converted, and with the ECM off.
-
-    With the ECM off, every OnlineNorm in either model computes without its clamp or layer
-    scaling, so the comparison isolates the swap itself.
-
-    Training flags are restored afterwards. Raises VerificationError if an output is not
-    finite or the two models' outputs differ in structure or shape.
-    """
-    with _eval_mode(original), _eval_mode(converted):
-        reference = _flat_outputs(run_model(original, inputs), "original")
-        as_converted = _flat_outputs(run_model(converted, inputs), "converted")
-        with _ecm_off(original), _ecm_off(converted):  # the original may hold OnlineNorms already
-            reference_off = _flat_outputs(run_model(original, inputs), "original (ECM off)")
-            exact = _flat_outputs(run_model(converted, inputs), "converted (ECM off)")
-    max_abs = max((_max_abs_diff(a, b) for a, b in _paired(reference, as_converted)), default=0.0)
-    rel = max((_max_abs_diff(a, b) / max(_max_abs(a), 1e-12) for a, b in _paired(reference_off, exact)), default=0.0)
-    return ConversionCheck(max_abs, rel, rel <= EXACT_RTOL)
+    return swap_modules(model, {id(m): _to_batchnorm(m) for m in online})
 
 
 # --- the registered converters ----------------------------------------------------------------
@@ -299,7 +249,8 @@ def _new_online(bn: nn.Module, online_cls: type[OnlineNormBase], options: Conver
     factory = {"device": None, "dtype": None} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     return online_cls(
         _channels(bn), alpha_fwd=options.alpha_fwd, alpha_bkw=options.alpha_bkw, eps=float(bn.eps), affine=affine,
-        ecm=options.ecm, clamp_value=options.clamp_value, **factory,
+        ecm=options.ecm, clamp_value=options.clamp_value, control=options.control, clamp_mode=options.clamp_mode,
+        **factory,
     )  # fmt: skip
 
 
@@ -322,14 +273,6 @@ def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
 
 
 # --- planning helpers ---------------------------------------------------------------------------
-
-
-def _check_options(options: ConvertOptions) -> None:
-    for name in ("alpha_fwd", "alpha_bkw"):
-        if not 0.0 <= getattr(options, name) < 1.0:
-            raise OptionError(name, getattr(options, name), "must be in [0, 1), e.g. 0.999")
-    if not options.clamp_value > 0:
-        raise OptionError("clamp_value", options.clamp_value, "must be positive, e.g. 5")
 
 
 def _refuse_lazy(model: nn.Module) -> None:
@@ -453,7 +396,7 @@ def _observed_ranks(model: nn.Module, candidates: list[nn.Module], example_shape
 
     handles = [m.register_forward_pre_hook(record) for m in unknown]
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             run_model(model, random_inputs(example_shapes))
     finally:
         for handle in handles:
@@ -461,61 +404,3 @@ def _observed_ranks(model: nn.Module, candidates: list[nn.Module], example_shape
     return {m: max(rank, 1) for m, rank in ranks.items() if rank <= 3}
 
 
-# --- checking helpers ---------------------------------------------------------------------------
-
-
-class _eval_mode:
-    """Context manager: ``module.eval()`` inside, every submodule's training flag restored after."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> nn.Module:
-        self.flags = [(m, m.training) for m in self.module.modules()]
-        return self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
-            module.training = flag
-
-
-class _ecm_off:
-    """Context manager: every OnlineNorm under ``module`` with ``ecm="none"`` inside, restored after."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.layers = [m for m in module.modules() if isinstance(m, OnlineNormBase)]
-
-    def __enter__(self) -> None:
-        self.ecms = [m.ecm for m in self.layers]
-        for layer in self.layers:
-            layer.ecm = "none"
-
-    def __exit__(self, *exc: object) -> None:
-        for layer, ecm in zip(self.layers, self.ecms):
-            layer.ecm = ecm
-
-
-def _flat_outputs(output: Any, which: str) -> list[Tensor]:
-    tensors = [tensor for _, tensor in labelled_tensors(output)]
-    if not tensors:
-        raise VerificationError(f"the {which} model returned no tensor to compare")
-    for index, tensor in enumerate(tensors):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise VerificationError(f"output {index} of the {which} model contains NaN or Inf on the example input; nothing to verify")
-    return tensors
-
-
-def _paired(reference: list[Tensor], other: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    if len(reference) != len(other) or any(a.shape != b.shape for a, b in zip(reference, other)):
-        shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in other]
-        raise VerificationError(f"the converted model's outputs {shapes[1]} differ in structure from the original's {shapes[0]}")
-    return list(zip(reference, other))
-
-
-def _max_abs_diff(a: Tensor, b: Tensor) -> float:
-    return _max_abs(a.double() - b.double())
-
-
-def _max_abs(t: Tensor) -> float:
-    """``max|t|``; 0 for an empty output (a detector that found nothing)."""
-    return t.abs().max().item() if t.numel() else 0.0

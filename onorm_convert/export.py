@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -25,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, VerificationError, first_line
+from .errors import BadInputError, VerificationError, first_line, quoted
 from .files import publish, staged_file
-from .fold import FoldReport, fold_with_report, strip_clamps
+from .fold import FoldReport, fold_with_report
 from .inputs import run_model
+from .shared import check_model_values, check_returns_tensors, strip_clamps
 from .verify import (
     ClampAuditReport,
     Tolerance,
@@ -104,7 +106,7 @@ def failed_path(destination: Path) -> Path:
     """
     candidate = destination.with_name(destination.stem + FAILED_SUFFIX + destination.suffix)
     attempt = 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         attempt += 1
         candidate = destination.with_name(f"{destination.stem}{FAILED_SUFFIX}-{attempt}{destination.suffix}")
     return candidate
@@ -158,20 +160,20 @@ def _reference(model: nn.Module, strip_clamp: bool) -> nn.Module:
     return strip_clamps(model) if strip_clamp else copy.deepcopy(model).eval()
 
 
-def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: bool) -> ExportReport:
+def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: bool, replace: bool) -> ExportReport:
     """Publish ``staged`` if it verified (or was not verified); else keep it aside or drop it and raise."""
     if report.verification is None or report.verification.passed:
-        publish(staged, destination)
+        publish(staged, destination, replace=replace)
         report.path = str(destination)
         return report
     message = report.verification.summary()
     if keep_failed:
         kept = failed_path(destination)
-        publish(staged, kept)
+        publish(staged, kept, replace=False)  # never an earlier failed file
         report.kept_failed = str(kept)
-        message += f"; the failed file was kept as {kept}"
+        message += f"; the failed file was kept as {quoted(kept)}"
     else:
-        message += f"; nothing was written to {destination}"
+        message += f"; nothing was written to {quoted(destination)}"
     raise ExportMismatchError(message, report)
 
 
@@ -188,6 +190,7 @@ def export_onnx(
     rtol: Tolerance = 1e-3,
     real_inputs: Sequence[Tensor] | None = None,
     keep_failed: bool = False,
+    replace: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``path`` and verify it with onnxruntime.
@@ -203,13 +206,15 @@ def export_onnx(
         atol, rtol: tolerances, one for all outputs or a dict per output label (``"*"`` the default).
         real_inputs: real inputs to verify on too (any batch size); with ``strip_clamp`` they feed the clamp audit.
         keep_failed: keep a file that failed verification as ``NAME.verification-failed.onnx``.
+        replace: replace a file at ``path``; when False, a file there (even one that appeared while
+            exporting) is left alone and the export fails with BadInputError.
         progress: called with a short line before each step.
 
     Returns:
         The :class:`ExportReport`. Raises :class:`ExportMismatchError` (exit 1) on a mismatch
         and :class:`~onorm_convert.errors.BadInputError` (exit 2) for unusable inputs.
     """
-    return _export(ONNX, model, Path(path), example_inputs, strip_clamp, opset, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, progress)
+    return _export(ONNX, model, Path(path), example_inputs, strip_clamp, opset, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, replace, progress)
 
 
 def export_torch(
@@ -224,6 +229,7 @@ def export_torch(
     rtol: Tolerance = 1e-3,
     real_inputs: Sequence[Tensor] | None = None,
     keep_failed: bool = False,
+    replace: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Like :func:`export_onnx`, but writes the folded model as a ``torch.export`` program (``.pt2``).
@@ -231,7 +237,7 @@ def export_torch(
     It loads with ``torch.export.load`` (no unpickling) for runtimes other than ONNX;
     verification runs the reloaded program against the PyTorch model.
     """
-    return _export(TORCH, model, Path(path), example_inputs, strip_clamp, None, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, progress)
+    return _export(TORCH, model, Path(path), example_inputs, strip_clamp, None, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, replace, progress)
 
 
 def _export(
@@ -247,6 +253,7 @@ def _export(
     rtol: Tolerance,
     real_inputs: Sequence[Tensor] | None,
     keep_failed: bool,
+    replace: bool,
     progress: Callable[[str], None] | None,
 ) -> ExportReport:
     say = progress or (lambda text: None)
@@ -258,8 +265,9 @@ def _export(
     start = time.perf_counter()
     say("folding normalization layers")
     reference = _reference(model, strip_clamp)
-    run_model(reference, example_inputs)  # fails early, naming the layer, when the model rejects the inputs
+    check_returns_tensors(run_model(reference, example_inputs))  # fails early, naming the layer, when the model rejects the inputs
     folded, fold_report = fold_with_report(model, strip_clamp=strip_clamp, example_inputs=example_inputs)
+    check_model_values(model, "exporting")  # what verification cannot see: --no-verify would publish it
     seconds["fold"] = time.perf_counter() - start
     report = ExportReport(None, fmt, opset, dynamic_batch, strip_clamp, fold_report, shapes, seconds=seconds)
     if not fold_report.traced:
@@ -297,7 +305,7 @@ def _export(
             report.clamp_audit = clamp_audit(model, real_inputs)
             if not report.clamp_audit.clean:
                 report.warnings.append(_clamp_warning(report.clamp_audit))
-        return _finish(staged, destination, report, keep_failed)
+        return _finish(staged, destination, report, keep_failed, replace)
 
 
 def _clamp_warning(audit: ClampAuditReport) -> str:

@@ -5,31 +5,67 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInputError, OnormError
+from .errors import STOP_SIGNALS, BadInputError, OnormError, quoted
 
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NAME_MAX = 255  # bytes in one file name on every common file system
+_RANDOM_PART = 8  # the characters tempfile.mkstemp adds
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV)
+
+
+@dataclass
+class RunState:
+    """A CLI run's stop request and what it published, shared by its signal handlers (cli/app.py) and :func:`publish`.
+
+    Publishing is the point of no return. A run asked to stop before it never publishes, even
+    where a library caught the KeyboardInterrupt; a stop asked after it is ignored, and the
+    run finishes and reports what it did.
+    """
+
+    stop: KeyboardInterrupt | None = None  # what the first stop signal raised, before anything was committed
+    committed: bool = False  # an output is published, or the outcome is being reported
+    published: list[Path] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """A new run: no stop asked, nothing published."""
+        self.stop, self.committed, self.published = None, False, []
+
+    def begin(self) -> None:
+        """A command starts: nothing committed or published yet (a stop already asked still holds)."""
+        self.committed, self.published = False, []
+
+
+RUN = RunState()
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> Path:
     """Validate where an output may go; returns it resolved. Raises BadInputError if it may not."""
     output = Path(output)
+    shown = quoted(output)
     for path in map(Path, inputs):
         same_file = output.exists() and path.exists() and os.path.samefile(output, path)
         if same_file or output.resolve() == path.resolve():
-            raise BadInputError(f"{output}: the output may not be the input file; choose another path with -o")
+            raise BadInputError(f"{shown}: the output may not be the input file; choose another path with -o")
+    if output.is_symlink():  # writing through it would create or replace a file in another folder
+        raise BadInputError(f"{shown}: is a symbolic link (to {quoted(os.readlink(output))}); give the real path with -o, or remove the link")
     if output.is_dir():
-        raise BadInputError(f"{output}: is a directory; give a file path with -o")
+        raise BadInputError(f"{shown}: is a directory; give a file path with -o")
     folder = output.resolve().parent
     if not folder.is_dir():
-        raise BadInputError(f"{output}: output folder {folder} does not exist; create it or choose another -o")
+        raise BadInputError(f"{shown}: output folder {quoted(folder)} does not exist; create it or choose another -o")
     if not os.access(folder, os.W_OK):
-        raise BadInputError(f"{output}: output folder {folder} is not writable; choose another -o")
+        raise BadInputError(f"{shown}: output folder {quoted(folder)} is not writable; choose another -o")
+    if output.exists() and not output.is_file():
+        raise BadInputError(f"{shown}: is not a regular file (a device, FIFO or socket); onorm replaces only regular files: choose another -o")
     if output.exists() and not force:
-        raise BadInputError(f"{output}: already exists; pass --force to replace it")
+        raise BadInputError(f"{shown}: already exists; pass --force to replace it")
     return output.resolve()
 
 
@@ -44,7 +80,8 @@ def staged_file(destination: Path, suffix: str = "") -> Iterator[Path]:
     """
     destination = Path(destination)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=suffix + ".tmp", dir=destination.parent)
+        prefix, suffix = _temp_affixes(destination.name, suffix)
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=destination.parent)
     except OSError as err:
         raise write_failure(destination, err) from err
     os.close(fd)
@@ -62,6 +99,13 @@ def staged_file(destination: Path, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _temp_affixes(name: str, suffix: str) -> tuple[str, str]:
+    """``(prefix, suffix)`` of the hidden temp name ``.NAME.XXXXXXXX[SUFFIX].tmp``, NAME shortened to keep it a legal name."""
+    tail = suffix + ".tmp" if len(os.fsencode(suffix)) <= 16 else ".tmp"
+    room = _NAME_MAX - _RANDOM_PART - len(os.fsencode(tail)) - 2  # the two dots around NAME
+    return f".{os.fsdecode(os.fsencode(name)[:room])}.", tail
+
+
 def write_failure(destination: Path, err: Exception, staged: Path | None = None) -> BadInputError | None:
     """The one-line error for ``err`` raised while writing ``destination``; None if the file system is not to blame.
 
@@ -77,19 +121,38 @@ def write_failure(destination: Path, err: Exception, staged: Path | None = None)
     else:
         return None
     fix = "free some space or choose another -o" if code in _OUT_OF_SPACE else "choose another -o"
-    return BadInputError(f"{destination}: cannot write the output ({reason}); {fix}. Nothing was written")
+    return BadInputError(f"{quoted(destination)}: cannot write the output ({reason}); {fix}. Nothing was written")
 
 
-def publish(staged: Path, destination: Path) -> None:
-    """fsync ``staged`` and atomically rename it onto ``destination`` (same folder).
+def publish(staged: Path, destination: Path, *, replace: bool = True) -> None:
+    """fsync ``staged`` and atomically move it to ``destination`` (same folder).
 
+    ``replace=False`` (no --force) publishes with an exclusive step: if ``destination``
+    appeared meanwhile (another run wrote it), it is left alone and BadInputError says so.
     The published file gets the permissions of a newly created file (``0o666`` less the
-    umask), not the owner-only ``0o600`` of the temp file.
+    umask), not the owner-only ``0o600`` of the temp file. A run asked to stop (see
+    :class:`RunState`) raises its interruption here instead of publishing.
     """
-    os.chmod(staged, 0o666 & ~_umask())
-    with open(staged, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staged, destination)
+    # Through a descriptor of the file onorm wrote: a link swapped in for the temp name is neither followed nor published.
+    fd = os.open(staged, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        written = os.fstat(fd)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with _stop_signals_held():  # the check, the move and the record happen together or not at all
+        if RUN.stop is not None:
+            raise RUN.stop
+        now = os.lstat(staged)
+        if (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino) or not stat.S_ISREG(now.st_mode):
+            raise BadInputError(f"{quoted(staged)}: the temp file was replaced while onorm wrote it; nothing was published")
+        if replace:
+            os.replace(staged, destination)
+        else:
+            _move_exclusively(staged, destination)
+        RUN.committed = True
+        RUN.published.append(destination)
     with contextlib.suppress(OSError):  # persist the rename itself; not supported everywhere
         dir_fd = os.open(destination.parent, os.O_RDONLY)
         try:
@@ -98,11 +161,41 @@ def publish(staged: Path, destination: Path) -> None:
             os.close(dir_fd)
 
 
-def write_atomically(destination: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_path)``, then publish the result at ``destination`` atomically."""
+def _move_exclusively(staged: Path, destination: Path) -> None:
+    """Move ``staged`` to ``destination`` only if nothing is there: link(2) fails rather than replace."""
+    try:
+        os.link(staged, destination, follow_symlinks=False)
+    except FileExistsError as err:
+        raise BadInputError(
+            f"{quoted(destination)}: appeared while onorm was writing it (another run?) and was left as it is; "
+            "pass --force to replace it. Nothing was written"
+        ) from err
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+        # A file system without hard links: the check and the rename are two steps here.
+        if os.path.lexists(destination):
+            raise BadInputError(f"{quoted(destination)}: already exists; pass --force to replace it. Nothing was written") from err
+        os.replace(staged, destination)
+        return
+    os.unlink(staged)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Stop signals wait (blocked) while the body runs, then are delivered."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def write_atomically(destination: Path, write: Callable[[Path], None], *, replace: bool = True) -> None:
+    """Run ``write(tmp_path)``, then publish the result at ``destination`` atomically (see :func:`publish`)."""
     with staged_file(destination) as tmp:
         write(tmp)
-        publish(tmp, destination)
+        publish(tmp, destination, replace=replace)
 
 
 def _umask() -> int:

@@ -28,6 +28,7 @@ from .errors import BadInputError, first_line
 from .inputs import run_model
 from .layers import OnlineNormBase
 from .layers.functional import CLAMP, LAYER_SCALING, frozen_affine, layer_scale
+from .shared import non_finite_state
 
 NORM_TYPES = (OnlineNormBase, _BatchNorm)
 PRODUCER_TYPES = (_ConvNd, nn.Linear)
@@ -109,15 +110,6 @@ class FoldReport:
         return asdict(self)
 
 
-def non_finite_state(norm: nn.Module) -> str | None:
-    """The first of ``running_mean``, ``running_var``, ``weight``, ``bias`` holding NaN/Inf, or None."""
-    for name in ("running_mean", "running_var", "weight", "bias"):
-        value = getattr(norm, name, None)
-        if isinstance(value, Tensor) and not torch.isfinite(value).all():
-            return name
-    return None
-
-
 def frozen_norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     """Per-channel ``(scale, shift)``, in float64, equal to ``norm`` in eval mode before its ECM.
 
@@ -185,7 +177,7 @@ def ecm_module(norm: nn.Module, strip_clamp: bool) -> tuple[nn.Module | None, st
     if ecm == CLAMP:
         if strip_clamp:
             return None, "clamp stripped"
-        return Clamp(norm.clamp_value), f"clamp ±{norm.clamp_value:g} kept"
+        return Clamp(norm.clamp_bound), f"clamp ±{norm.clamp_bound:g} kept"
     if ecm == LAYER_SCALING:
         return LayerScale(norm.ls_eps), "layer scaling kept (cannot be folded or stripped)"
     return None, "none"
@@ -375,12 +367,3 @@ def fold_with_report(
 def fold(model: nn.Module, *, strip_clamp: bool = False, example_inputs: Sequence[Tensor] | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` with every normalization layer folded (see :func:`fold_with_report`)."""
     return fold_with_report(model, strip_clamp=strip_clamp, example_inputs=example_inputs)[0]
-
-
-def strip_clamps(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` whose OnlineNorm clamps are removed (the reference for a stripped export)."""
-    stripped = copy.deepcopy(model).eval()
-    for module in stripped.modules():
-        if isinstance(module, OnlineNormBase) and module.ecm == CLAMP:
-            module.ecm = "none"
-    return stripped

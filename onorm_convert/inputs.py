@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, first_line
+from .errors import BadInputError, first_line, quoted
 
 _SHAPE = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
@@ -23,18 +25,43 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     shape = tuple(int(part) for part in text.split(","))
     if any(dim == 0 for dim in shape):
         raise BadInputError(f"--input-shape {text!r}: dimensions must be positive, e.g. 1,3,224,224")
+    check_input_size(shape, f"--input-shape {text!r}")
     return shape
 
 
+_MAX_NUMEL = 2**63 - 1  # torch counts elements in int64
+
+
+def check_input_size(shape: Sequence[int], source: str) -> None:
+    """Refuse an example input of ``shape`` that torch cannot index or this machine cannot hold (float32)."""
+    numel = math.prod(shape)
+    if numel > _MAX_NUMEL:
+        raise BadInputError(f"{source}: {numel:.3g} values per input, more than torch can index (2**63 - 1); pass a smaller --input-shape")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * numel > memory:
+        raise BadInputError(
+            f"{source}: {numel:,} values per input ({4 * numel / 2**30:.3g} GiB as float32), more than this machine's "
+            f"{memory / 2**30:.3g} GiB of memory; pass a smaller --input-shape"
+        )
+
+
 def random_inputs(shapes: Sequence[Sequence[int]], *, batch: int | None = None, seed: int = 0) -> list[Tensor]:
-    """Seeded standard-normal float32 tensors of the given shapes (batch dim replaced by ``batch`` if given)."""
+    """Seeded standard-normal float32 tensors of the given shapes (batch dim replaced by ``batch`` if given).
+
+    BadInputError naming the shape when one is too big to allocate (from --input-shape or recorded in a checkpoint).
+    """
     generator = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
         shape = tuple(shape)
         if batch is not None:
             shape = (batch,) + shape[1:]
-        out.append(torch.randn(shape, generator=generator))
+        source = f"an example input of shape {shape}"
+        check_input_size(shape, source)
+        try:
+            out.append(torch.randn(shape, generator=generator))
+        except (MemoryError, RuntimeError) as err:  # randn of a valid shape fails only for want of memory
+            raise BadInputError(f"{source}: cannot be allocated ({first_line(err)}); pass a smaller --input-shape") from err
     return out
 
 
@@ -72,31 +99,69 @@ def load_input_file(path: Path) -> list[Tensor]:
     list/tuple/dict of tensors saved with ``torch.save``, read with ``weights_only=True``.
     """
     path = Path(path)
+    source = f"--inputs {quoted(path)}"
     if not path.is_file():
-        raise BadInputError(f"--inputs {path}: no such file; give a .npy, .npz or torch.save'd tensor file")
+        raise BadInputError(f"{source}: no such file; give a .npy, .npz or torch.save'd tensor file")
     try:
-        if path.suffix == ".npy":
-            arrays = [np.load(path, allow_pickle=False)]
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = [archive[name] for name in archive.files]
+        if path.suffix in (".npy", ".npz"):
+            arrays = _arrays_in(np.load(path, allow_pickle=False), path.suffix, source)
         else:
-            arrays = _tensors_in(torch.load(path, map_location="cpu", weights_only=True), path)
+            arrays = _tensors_in(torch.load(path, map_location="cpu", weights_only=True), source)
     except BadInputError:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable or unsafe content is bad input
         detail = first_line(err)
-        raise BadInputError(f"--inputs {path}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict") from err
-    return [torch.as_tensor(array) for array in arrays]
+        raise BadInputError(f"{source}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict") from err
+    return [_float_tensor(array, f"{source}: input {index}") for index, array in enumerate(arrays)]
 
 
-def _tensors_in(obj: Any, path: Path) -> list[Tensor]:
+def _arrays_in(loaded: Any, suffix: str, source: str) -> list[Any]:
+    """The arrays ``np.load`` read: one for a .npy file, every member of a .npz archive (which must all be arrays)."""
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        if suffix == ".npz":
+            raise BadInputError(f"{source}: holds one .npy array, not an .npz archive; name it .npy")
+        return [loaded]
+    with loaded:
+        if suffix == ".npy":
+            raise BadInputError(f"{source}: is an .npz archive, not one .npy array; name it .npz")
+        members = [(name, loaded[name]) for name in loaded.files]
+    for name, member in members:
+        if not isinstance(member, np.ndarray):
+            raise BadInputError(f"{source}: member {name!r} is not a .npy array; keep only arrays in the archive (np.savez)")
+    return [member for _, member in members]
+
+
+def _tensors_in(obj: Any, source: str) -> list[Tensor]:
     if isinstance(obj, Tensor):
         return [obj]
     values = list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else None
     if not values or not all(isinstance(value, Tensor) for value in values):
-        raise BadInputError(f"--inputs {path}: holds {type(obj).__name__}, not a tensor or a list/tuple/dict of tensors")
+        raise BadInputError(f"{source}: holds {type(obj).__name__}, not a tensor or a list/tuple/dict of tensors")
     return values
+
+
+_NUMPY_FLOATS = frozenset(np.dtype(kind) for kind in ("float16", "float32", "float64"))  # those torch holds
+
+
+def _float_tensor(value: np.ndarray | Tensor, where: str) -> Tensor:
+    """An input array as a dense CPU float tensor; BadInputError naming what it is instead.
+
+    The model is exported and verified on float32 inputs, so integers, booleans, complex
+    and quantized values are refused, not guessed at. A float array stored big-endian is
+    read in native byte order (same values).
+    """
+    if isinstance(value, np.ndarray):
+        native = value.dtype.newbyteorder("=")
+        if native not in _NUMPY_FLOATS:
+            raise BadInputError(f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32")
+        return torch.from_numpy(value.astype(native, copy=False))
+    if value.layout != torch.strided:
+        raise BadInputError(f"{where} is a {value.layout} tensor; save a dense one (tensor.to_dense())")
+    if value.is_meta:
+        raise BadInputError(f"{where} is a meta tensor, which holds no values; save the tensor with its data")
+    if value.is_quantized or not value.is_floating_point():
+        raise BadInputError(f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32")
+    return value
 
 
 def fit_inputs(

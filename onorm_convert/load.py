@@ -4,7 +4,10 @@ Recognized contents:
 
 * a state dict, or a training checkpoint holding one (``{"state_dict": ...}``,
   ``{"model_state_dict": ...}``, ``{"model": ...}`` or ``key=NAME``), read with
-  ``torch.load(weights_only=True)``; the module is built by ``arch="package.module:factory"``;
+  ``torch.load(weights_only=True)``; the module is built by ``arch="package.module:factory"``.
+  The state dict of a converted model (``torch.save(model.state_dict())`` after training) is
+  taken with the BatchNorm original's ``arch``: the layers whose OnlineNorm state it holds
+  become OnlineNorms first, with the default options, since a state dict records none;
 * onorm's own checkpoint (:mod:`onorm_convert.checkpoint`), rebuilt without flags when this
   user's onorm signed it (:mod:`onorm_convert.trust`); any other names code chosen by
   whoever wrote it, so it needs ``arch`` (the user names the code) or ``trust=True``;
@@ -23,27 +26,30 @@ import os
 import pickle
 import re
 import stat
-import sys
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import is_checkpoint, validate_checkpoint
-from .convert import ConversionWarning, convert
-from .errors import BadInputError, OptionError, first_line, quoted
-from .trust import signed_by_this_user
+from .checkpoint import inferred_layout, is_checkpoint, recorded_options, restore_layout, validate_checkpoint
+from .errors import BadInputError, first_line, quoted
+from .options import ConvertOptions
+from .trust import cwd_importable, signed_by_this_user
 
 PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "onorm_checkpoint"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training checkpoints usually keep one
 _ZIP_MAGIC = b"PK\x03\x04"
 _SHOWN_NAMES = 5  # names listed in an error before "and N more"
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+class LoadWarning(UserWarning):
+    """The file was read, but with an assumption the user should know of (e.g. default conversion options)."""
 
 
 @dataclass(frozen=True)
@@ -92,21 +98,28 @@ def read_model(
     path = Path(path)
     _check_readable(path)
     _refuse_foreign_formats(path)
-    with _cwd_importable():
-        obj = _safe_load(path, trust)
-        if is_checkpoint(obj):
-            return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs, trust)
-        found, used_key = _select(obj, key, path)
-        if isinstance(found, nn.Module):
-            return LoadedModel(found, PICKLED_MODULE, info={"key": used_key})
-        if arch is None:
-            raise BadInputError(
-                f"{path}: holds a state dict ({len(found)} entries) but no model code; pass --arch package.module:factory "
-                "(and --arch-kwargs JSON) naming the function that builds the model"
-            )
-        module = build_arch(arch, arch_kwargs or {}, CodeOrigin.user(arch_kwargs is not None))
-        load_state_dict_checked(module, found, path)
-        return LoadedModel(module, STATE_DICT, arch, dict(arch_kwargs or {}), info={"key": used_key})
+    if arch is not None and not arch.strip():
+        raise BadInputError("--arch '': empty; name the code that builds the model, package.module:factory")
+    obj = _safe_load(path, trust)
+    if is_checkpoint(obj):
+        return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs, trust)
+    found, used_key = _select(obj, key, path)
+    if isinstance(found, nn.Module):
+        return LoadedModel(found, PICKLED_MODULE, info={"key": used_key})
+    if arch is None:
+        raise BadInputError(
+            f"{path}: holds a state dict ({len(found)} entries) but no model code; pass --arch package.module:factory "
+            "(and --arch-kwargs JSON) naming the function that builds the model"
+        )
+    module = build_arch(arch, arch_kwargs or {}, CodeOrigin.user(arch_kwargs is not None))
+    info: dict[str, Any] = {"key": used_key}
+    layout = inferred_layout(module, _strip_data_parallel_prefix(module, found), ConvertOptions(), path)
+    if layout:  # the state dict of a converted model
+        module = restore_layout(module, layout, path)
+        info["conversion"] = asdict(ConvertOptions())
+        _warn_defaults_used(path, len(layout))
+    load_state_dict_checked(module, found, path)
+    return LoadedModel(module, STATE_DICT, arch, dict(arch_kwargs or {}), info=info)
 
 
 def load_model(path: Path | str, **kwargs: Any) -> nn.Module:
@@ -124,7 +137,7 @@ def build_arch(arch: str, arch_kwargs: Mapping[str, Any], origin: CodeOrigin = C
     module_name, _, attr = arch.partition(":")
     if not module_name or not attr:
         raise BadInputError(f"{where}: expected package.module:factory, e.g. torchvision.models:resnet18")
-    with _cwd_importable():
+    with cwd_importable():
         try:
             namespace = importlib.import_module(module_name)
         except Exception as err:  # noqa: BLE001 - any import failure is the user's code or path
@@ -149,7 +162,7 @@ def build_arch(arch: str, arch_kwargs: Mapping[str, Any], origin: CodeOrigin = C
 
 
 def _call_failure(origin: CodeOrigin, arch_kwargs: Mapping[str, Any]) -> str:
-    return f"calling it with {origin.kwargs} {dict(arch_kwargs)} failed" if origin.kwargs else "calling it without arguments failed"
+    return f"calling it with {origin.kwargs} {_shown(dict(arch_kwargs))} failed" if origin.kwargs else "calling it without arguments failed"
 
 
 def _call_fix(origin: CodeOrigin) -> str:
@@ -168,6 +181,9 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     """
     source = quoted(source)
     state_dict = _strip_data_parallel_prefix(module, state_dict)
+    complex_values = [name for name, value in state_dict.items() if isinstance(value, Tensor) and value.is_complex()]
+    if complex_values:  # load_state_dict would silently keep only their real parts
+        raise BadInputError(f"{source}: {_names(complex_values)} {'holds' if len(complex_values) == 1 else 'hold'} complex numbers, which BatchNorm models cannot use; save real weights")
     expected = module.state_dict().keys()
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
     missing = [name for name in expected if name not in state_dict and not name.endswith("num_batches_tracked")]
@@ -257,9 +273,28 @@ def _is_text(head: bytes) -> bool:
 
 
 def _safe_load(path: Path, trust: bool) -> Any:
-    """``torch.load`` with weights_only unless trusted; a pickle that needs more is refused unless ``trust``."""
+    """``torch.load`` with weights_only unless trusted; a pickle that needs more is refused unless ``trust``.
+
+    torch.load reads an open file, never the path: given a path it would pick its reader by
+    the name (``*.safetensors`` imports ``safetensors``, from the current directory first),
+    and the path could meanwhile become a pipe that blocks the read.
+    """
+    with _open_regular(path) as handle:
+        return _load_handle(handle, path, trust)
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[Any]:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInputError(f"{quoted(path)}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save")
+        yield handle
+
+
+def _load_handle(handle: Any, path: Path, trust: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
             raise BadInputError(f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted") from err
@@ -270,8 +305,10 @@ def _safe_load(path: Path, trust: bool) -> Any:
             ) from err
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
         raise BadInputError(f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted") from err
+    handle.seek(0)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with cwd_importable():  # the user trusts the file: its classes import as `python -m` would find them
+            return torch.load(handle, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as err:
         raise BadInputError(
             f"{path}: the pickled model's code cannot be imported ({first_line(err)}); run onorm from the folder with the code "
@@ -334,73 +371,75 @@ def _strip_data_parallel_prefix(module: nn.Module, state_dict: Mapping[str, Any]
     return state_dict
 
 
+def _warn_defaults_used(path: Path, layers: int) -> None:
+    settings = ", ".join(f"{name}={value}" for name, value in asdict(ConvertOptions()).items())
+    warnings.warn(
+        f"{quoted(path)}: the state dict of a converted model records no conversion options, so its {layers} OnlineNorm layers "
+        f"were rebuilt with the defaults ({settings}); to record yours, save with onorm_convert.save_checkpoint(model, path, arch=...)",
+        LoadWarning,
+        stacklevel=3,
+    )
+
+
 def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None, trust: bool) -> LoadedModel:
-    """arch(**arch_kwargs), converted with the recorded options, with the recorded state dict loaded.
+    """arch(**arch_kwargs) with the recorded OnlineNorm layout and the recorded state dict loaded.
 
     The recorded arch is imported only with consent (see :func:`_recorded_code_consent`).
     """
-    consent = "--arch" if arch is not None else _recorded_code_consent(ckpt, path, trust)
+    consent = _recorded_code_consent(ckpt, path, arch is not None, arch_kwargs is not None, trust)
     origin = _checkpoint_origin(path, arch is not None, arch_kwargs is not None, bool(ckpt["arch_kwargs"]))
-    arch = arch or ckpt["arch"]
+    arch = ckpt["arch"] if arch is None else arch
     kwargs = dict(ckpt["arch_kwargs"]) if arch_kwargs is None else dict(arch_kwargs)
     shapes = [tuple(int(d) for d in shape) for shape in ckpt["input_shapes"]]
     module = build_arch(arch, kwargs, origin)
-    with warnings.catch_warnings():  # the notices were shown when the checkpoint was made
-        warnings.simplefilter("ignore", ConversionWarning)
-        try:
-            convert(module, inplace=True, example_shapes=shapes or None, **ckpt["conversion"])
-        except OptionError as err:
-            raise BadInputError(
-                f"{quoted(path)}: onorm checkpoint field 'conversion' holds {err.option}={err.value!r}, which {err.requirement}; "
-                "the file is damaged, convert the model again"
-            ) from err
-        except (TypeError, ValueError) as err:  # a recorded option of the wrong type
-            raise BadInputError(
-                f"{quoted(path)}: onorm checkpoint field 'conversion' is malformed ({first_line(err)}); the file is damaged, convert the model again"
-            ) from err
+    layout = ckpt.get("layers") or inferred_layout(module, ckpt["state_dict"], recorded_options(ckpt["conversion"], path), path)
+    module = restore_layout(module, layout, path)
     load_state_dict_checked(module, ckpt["state_dict"], path, origin)
     info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"]), "code_consent": consent}
     return LoadedModel(module, ONORM_CHECKPOINT, arch, kwargs, shapes, info)
 
 
-def _recorded_code_consent(ckpt: Mapping[str, Any], path: Path, trust: bool) -> str:
-    """How the user consented to the code the checkpoint names: "signature" or "--trust"; else BadInputError.
+def _recorded_code_consent(ckpt: Mapping[str, Any], path: Path, arch_given: bool, kwargs_given: bool, trust: bool) -> str:
+    """How the user consented to the code the checkpoint names: "signature", "--arch" or "--trust"; else BadInputError.
 
     Checked before anything is imported: importing a module the file names already runs
-    code chosen by the file.
+    code chosen by the file. ``--arch`` names the code, but the keyword arguments it is
+    called with are the file's unless ``--arch-kwargs`` is given, and some factories load
+    files or code that their arguments name: so those need consent too.
     """
-    signed, why_not = signed_by_this_user(ckpt["arch"], ckpt["arch_kwargs"], ckpt.get("signature"))
+    signed, why_not = signed_by_this_user(ckpt["arch"], ckpt["arch_kwargs"], ckpt.get("arch_location"), ckpt.get("signature"))
     if signed:
         return "signature"
     if trust:
         return "--trust"
+    if arch_given and (kwargs_given or not ckpt["arch_kwargs"]):
+        return "--arch"
+    if arch_given:
+        raise BadInputError(
+            f"{quoted(path)}: your onorm did not write this checkpoint ({why_not}), and it records the arguments "
+            f"{_shown(ckpt['arch_kwargs'])} for the model code; pass the ones you mean with --arch-kwargs, or --trust to use these"
+        )
     recorded = ckpt["arch"]
     raise BadInputError(
         f"{quoted(path)}: this onorm checkpoint names its model code {recorded!r}, but your onorm did not write it ({why_not}), "
-        f"and importing that code would run it; if you know that code, pass --arch {recorded!r}; to run what the file names as it is, pass --trust"
+        f"and importing that code would run it; if you know that code, pass --arch {recorded!r}"
+        + (" and --arch-kwargs" if ckpt["arch_kwargs"] else "")
+        + "; to run what the file names as it is, pass --trust"
     )
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _checkpoint_origin(path: Path, arch_given: bool, kwargs_given: bool, kwargs_recorded: bool) -> CodeOrigin:
     """Who named a checkpoint's code and kwargs: the user's flags where given, else the file's fields."""
-    if arch_given:
-        return CodeOrigin.user(kwargs_given)
     kwargs = "--arch-kwargs" if kwargs_given else ("the checkpoint's arch_kwargs" if kwargs_recorded else None)
+    if arch_given:
+        return CodeOrigin(kwargs=kwargs)
     return CodeOrigin(f"{quoted(path)}: the checkpoint's arch", kwargs, "the file is damaged or its model code changed since; convert the model again or pass --arch")
-
-
-@contextlib.contextmanager
-def _cwd_importable() -> Iterator[None]:
-    """Make the current directory importable, as ``python -m`` does, for the duration of a load."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def _names(names: list[str] | tuple[str, ...]) -> str:

@@ -3,8 +3,10 @@
 An onorm checkpoint names the code that builds its model (``arch`` and ``arch_kwargs``).
 Importing that module and calling that factory runs code chosen by whoever wrote the
 file, so a checkpoint is rebuilt without flags only when *this user's* onorm wrote it:
-``make_checkpoint`` signs the two fields with an HMAC-SHA256 under a key that only this
-user can read, and loading checks the signature before anything is imported. Any other
+``make_checkpoint`` signs the two fields, and where the code's top-level module was found
+(:func:`code_location`), with an HMAC-SHA256 under a key that only this user can read.
+Loading checks the signature, and that the name still finds the code in the same place
+(not a look-alike module in the current folder), before anything is imported. Any other
 checkpoint (from a colleague, a download, an older onorm, or crafted) needs the user to
 name the code (``--arch``) or to accept the file's choice (``--trust``).
 
@@ -16,19 +18,23 @@ write is not used: nothing is signed with it and nothing it signed is trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import importlib.util
 import json
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 KEY_NAME = "checkpoint.key"
 _KEY_BYTES = 32
-_DOMAIN = b"onorm checkpoint code v1\0"  # a signature of this kind cannot be replayed as any other
+_DOMAIN = b"onorm checkpoint code v2\0"  # a signature of this kind cannot be replayed as any other
+_MAX_DEPTH = 32
 
 
 class KeyUnavailable(Exception):
@@ -36,42 +42,86 @@ class KeyUnavailable(Exception):
 
 
 def key_path() -> Path:
-    """Where this user's signing key lives (see the module docstring)."""
+    """Where this user's signing key lives (see the module docstring); a relative XDG_CONFIG_HOME is ignored, as the spec says."""
     configured = os.environ.get("ONORM_CONFIG_DIR")
     if configured:
-        return Path(configured) / KEY_NAME
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "onorm" / KEY_NAME
+        return Path(configured).absolute() / KEY_NAME
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "onorm" / KEY_NAME
 
 
-def sign(arch: str, arch_kwargs: Mapping[str, Any]) -> str:
-    """The hex signature of ``(arch, arch_kwargs)`` under this user's key, made on first use.
+@contextlib.contextmanager
+def cwd_importable() -> Iterator[None]:
+    """Make the current directory importable, first, as ``python -m`` does; model code is imported inside."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def code_location(arch: str) -> str | None:
+    """Where importing ``arch``'s top-level module would take it from now, found without importing anything."""
+    top = arch.partition(":")[0].split(".")[0]
+    try:
+        with cwd_importable():
+            spec = importlib.util.find_spec(top)  # a top-level name: no parent package is imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    return spec.origin if spec.origin not in (None, "namespace") else os.pathsep.join(spec.submodule_search_locations or ())
+
+
+def sign(arch: str, arch_kwargs: Mapping[str, Any], location: str | None) -> str:
+    """The hex signature of ``(arch, arch_kwargs, location)`` under this user's key, made on first use.
 
     Raises :class:`KeyUnavailable` when the key cannot be made or is unsafe, or when the
     fields have no canonical JSON form (such a checkpoint is written unsigned).
     """
-    return _mac(_key(create=True), arch, arch_kwargs)
+    return _mac(_key(create=True), arch, arch_kwargs, location)
 
 
-def signed_by_this_user(arch: Any, arch_kwargs: Any, signature: Any) -> tuple[bool, str]:
-    """Whether ``signature`` is this user's over ``(arch, arch_kwargs)``; else why not, for the message."""
+def signed_by_this_user(arch: Any, arch_kwargs: Any, location: Any, signature: Any) -> tuple[bool, str]:
+    """Whether ``signature`` is this user's over the three fields, with the code still found at ``location``; else why not."""
     if not isinstance(signature, str) or not signature:
         return False, "it carries no signature"
     try:
-        expected = _mac(_key(create=False), arch, arch_kwargs)
+        expected = _mac(_key(create=False), arch, arch_kwargs, location)
     except KeyUnavailable as err:
         return False, str(err)
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected.encode("ascii"), signature.encode("utf-8", "replace")):
         return False, f"its signature does not match your key {key_path()}"
+    now = code_location(arch)
+    if now != location:
+        return False, f"its code would now be imported from {now!r}, not from {location!r} where you converted it"
     return True, ""
 
 
-def _mac(key: bytes, arch: Any, arch_kwargs: Any) -> str:
-    try:
-        fields = json.dumps({"arch": arch, "arch_kwargs": arch_kwargs}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    except (TypeError, ValueError, RecursionError) as err:
-        raise KeyUnavailable(f"its arch_kwargs have no JSON form ({type(err).__name__})") from err
-    return hmac.new(key, _DOMAIN + fields.encode("ascii"), hashlib.sha256).hexdigest()
+def _mac(key: bytes, arch: Any, arch_kwargs: Any, location: Any) -> str:
+    fields = {"arch": arch, "arch_kwargs": arch_kwargs, "location": location}
+    if not _canonical(fields):
+        raise KeyUnavailable("its arch_kwargs have no canonical JSON form (tuples, keys that are not strings, or too deep)")
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hmac.new(key, _DOMAIN + text.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _canonical(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` has exactly one JSON text: only str keys, lists not tuples, finite numbers, shallow."""
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _canonical(item, depth + 1) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_canonical(item, depth + 1) for item in value)
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    return value is None or isinstance(value, (str, int, bool))
 
 
 def _key(*, create: bool) -> bytes:
@@ -96,7 +146,7 @@ def _key(*, create: bool) -> bytes:
 def _read_key(path: Path) -> bytes:
     """The key's bytes, refusing a link, another user's file, or one that others may read or write."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block
     except FileNotFoundError:
         raise
     except OSError as err:

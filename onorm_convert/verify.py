@@ -18,27 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
-from .errors import BadInputError, first_line
-from .fold import strip_clamps
+from .errors import BadInputError, VerificationError, first_line
 from .inputs import random_inputs, run_model
 from .layers import OnlineNormBase
 from .layers.functional import CLAMP
+from .shared import check_returns_tensors, ecm_off, eval_mode, labelled_tensors, strip_clamps
 
 Outputs = list[tuple[str, np.ndarray]]  # (label, value) per output, in flattening order
 Tolerance = float | Mapping[str, float]  # one for all outputs, or per output label (with "*" as the default)
-
-
-def labelled_tensors(output: Any, label: str = "output") -> list[tuple[str, Tensor]]:
-    """The tensors of a (nested) tuple/list/dict output, labelled by their path, in pytree order."""
-    if isinstance(output, Tensor):
-        return [(label, output)]
-    if isinstance(output, (tuple, list)):
-        return [item for index, value in enumerate(output) for item in labelled_tensors(value, f"{label}[{index}]")]
-    if isinstance(output, Mapping):
-        return [item for key, value in output.items() for item in labelled_tensors(value, f"{label}[{key!r}]")]
-    return []  # constants (None, numbers) are not graph outputs
 
 
 def flatten_outputs(output: Any, label: str = "output") -> Outputs:
@@ -208,11 +198,11 @@ class ClampAudit:
     """What one OnlineNorm's clamp does on real inputs."""
 
     layer: str
-    clamp_value: float
+    clamp_bound: float  # the layer's bound on |z| (OnlineNormBase.clamp_bound)
     activations: int  # values seen
-    clipped: int  # values beyond ±clamp_value, which the clamp cuts
+    clipped: int  # values beyond ±clamp_bound, which the clamp cuts
     fraction: float  # clipped / activations
-    max_change: float  # largest |z| - clamp_value: the largest change of this layer's output by stripping
+    max_change: float  # largest |z| - clamp_bound: the largest change of this layer's output by stripping
 
 
 @dataclass
@@ -239,8 +229,8 @@ def clamp_audit(model: nn.Module, inputs: Sequence[Tensor]) -> ClampAuditReport:
 
     def audit_layer(name: str, layer: OnlineNormBase) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            excess = module.frozen_forward(args[0], None).abs() - layer.clamp_value
-            audit = audits.setdefault(name, ClampAudit(name, layer.clamp_value, 0, 0, 0.0, 0.0))
+            excess = module.frozen_forward(args[0], None).abs() - layer.clamp_bound
+            audit = audits.setdefault(name, ClampAudit(name, layer.clamp_bound, 0, 0, 0.0, 0.0))
             audit.activations += excess.numel()
             audit.clipped += int((excess > 0).sum())
             audit.fraction = audit.clipped / max(audit.activations, 1)
@@ -257,4 +247,63 @@ def clamp_audit(model: nn.Module, inputs: Sequence[Tensor]) -> ClampAuditReport:
             handle.remove()
     without_clamp = flatten_outputs(run_model(strip_clamps(clamped), inputs))
     change = max((float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) for (_, a), (_, b) in zip(with_clamp, without_clamp)), default=0.0)
-    return ClampAuditReport([audits.get(n, ClampAudit(n, m.clamp_value, 0, 0, 0.0, 0.0)) for n, m in layers], change)
+    return ClampAuditReport([audits.get(n, ClampAudit(n, m.clamp_bound, 0, 0, 0.0, 0.0)) for n, m in layers], change)
+
+
+# --- the conversion check: the converted model against its original -------------------------------
+
+EXACT_RTOL = 1e-5  # the swap with the ECM off must match the original to this relative error
+
+
+@dataclass
+class ConversionCheck:
+    """The outputs of the original and converted models compared in eval mode."""
+
+    max_abs_diff: float  # converted as configured (clamp on) vs original
+    exact_rel_diff: float  # converted with the ECM off vs original, relative to the largest output
+    exact: bool  # exact_rel_diff <= EXACT_RTOL
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields, with the tolerance used."""
+        return {**self.__dict__, "tolerance": EXACT_RTOL}
+
+
+def check_conversion(original: nn.Module, converted: nn.Module, inputs: Sequence[Tensor]) -> ConversionCheck:
+    """Run both models in eval mode on ``inputs``: the largest output difference as converted, and with the ECM off.
+
+    With the ECM off, every OnlineNorm in either model computes without its clamp or layer
+    scaling, so the comparison isolates the swap itself.
+
+    Training flags are restored afterwards. Raises VerificationError if an output is not
+    finite or the two models' outputs differ in structure or shape.
+    """
+    with eval_mode(original), eval_mode(converted):
+        reference = _finite_outputs(run_model(original, inputs), "original")
+        as_converted = _finite_outputs(run_model(converted, inputs), "converted")
+        with ecm_off(original, converted):  # the original may hold OnlineNorms already
+            reference_off = _finite_outputs(run_model(original, inputs), "original (ECM off)")
+            exact = _finite_outputs(run_model(converted, inputs), "converted (ECM off)")
+    max_abs = max((_max_abs(a.double() - b.double()) for a, b in _paired(reference, as_converted)), default=0.0)
+    rel = max((_max_abs(a.double() - b.double()) / max(_max_abs(a), 1e-12) for a, b in _paired(reference_off, exact)), default=0.0)
+    return ConversionCheck(max_abs, rel, rel <= EXACT_RTOL)
+
+
+def _finite_outputs(output: Any, which: str) -> list[Tensor]:
+    check_returns_tensors(output, f"the {which} model")
+    tensors = [tensor for _, tensor in labelled_tensors(output)]
+    for index, tensor in enumerate(tensors):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise VerificationError(f"output {index} of the {which} model contains NaN or Inf on the example input; nothing to verify")
+    return tensors
+
+
+def _paired(reference: list[Tensor], other: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    if len(reference) != len(other) or any(a.shape != b.shape for a, b in zip(reference, other)):
+        shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in other]
+        raise VerificationError(f"the converted model's outputs {shapes[1]} differ in structure from the original's {shapes[0]}")
+    return list(zip(reference, other))
+
+
+def _max_abs(t: Tensor) -> float:
+    """``max|t|``; 0 for an empty output (a detector that found nothing)."""
+    return t.abs().max().item() if t.numel() else 0.0

@@ -1,7 +1,11 @@
 """A slow, obviously-correct Online Normalization, written line by line from the doc.
 
 One Python loop over the samples of the batch, one statement per equation of
-``shared/docs/online-norm.md``. Used only to check the vectorized layer.
+``docs/online-norm.md``. Used only to check the vectorized layer.
+
+``control="stable"`` replaces the doc's v step by its implicit (backward Euler) form,
+``v_t = (v_{t-1} + mean(g_t * y_t)) / (1 + (1 - a_b) * mean(y_t^2))``, written here from that
+equation; everything else is the doc's.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ import torch
 class ReferenceOnlineNorm:
     """Per-sample ON state machine for one layer; all tensors per channel, shape (C,)."""
 
-    def __init__(self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps):
+    def __init__(self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps, control="exact"):
         self.mu, self.var, self.u, self.v = mean.clone(), var.clone(), u.clone(), v.clone()
         self.weight, self.bias = weight, bias
         self.a_f, self.a_b, self.eps = alpha_fwd, alpha_bkw, eps
         self.ecm, self.c, self.ls_eps = ecm, clamp_value, ls_eps
+        self.control = control
+        # Not part of the math: how much the exact v recurrence can amplify a rounding error so far, the
+        # product over samples of max(1, |decay|) with decay = 1 - (1 - a_b) * mean(y^2), per channel.
+        self.amplification = torch.ones_like(self.v)
 
     def forward(self, x):
         """Training forward on a batch (N, C, *spatial); returns the normalized y (N, C, *spatial)."""
@@ -41,7 +49,12 @@ class ReferenceOnlineNorm:
             y_f = y_t.reshape(y_t.shape[0], -1)
             g_f = g_t.reshape(g_t.shape[0], -1)
             g_p = g_f - (1 - self.a_b) * self.v[:, None] * y_f
-            self.v = self.v + (g_p * y_f).mean(dim=1)
+            if self.control == "stable":
+                self.v = (self.v + (g_f * y_f).mean(dim=1)) / (1 + (1 - self.a_b) * (y_f**2).mean(dim=1))
+            else:
+                self.v = self.v + (g_p * y_f).mean(dim=1)
+                decay = 1 - (1 - self.a_b) * (y_f**2).mean(dim=1)
+                self.amplification = self.amplification * decay.abs().clamp(min=1)
             h_t = g_p / k_t[:, None]
             dx_t = h_t - (1 - self.a_b) * self.u[:, None]
             self.u = self.u + dx_t.mean(dim=1)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from onorm_convert import convert
-from onorm_convert.checkpoint import make_checkpoint, save_checkpoint
+from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
 from onorm_convert.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def checkpoint_file(tmp_path) -> Path:
     """A converted digits_mlp in onorm's checkpoint, recording input shape (2, 64)."""
     path = tmp_path / "mlp_onorm.pt"
     converted = convert(trained_mlp())
-    save_checkpoint(path, make_checkpoint(converted, arch=ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
+    write_checkpoint(path, make_checkpoint(converted, arch=ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
     return path
 
 

@@ -29,7 +29,7 @@ import typer
 from typer.testing import CliRunner
 
 from onorm_convert import errors
-from onorm_convert.checkpoint import make_checkpoint, save_checkpoint
+from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
 from onorm_convert.cli import app
 from onorm_convert.cli import main as cli_main
 from onorm_convert.convert import convert
@@ -469,7 +469,7 @@ def test_export_refuses_non_finite_statistics_of_a_converted_model(tmp_path):
     converted = convert(model)
     converted[1].running_mean[0] = float("inf")
     path = tmp_path / "mlp_onorm.pt"
-    save_checkpoint(path, make_checkpoint(converted, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
+    write_checkpoint(path, make_checkpoint(converted, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
     before = digests(tmp_path)
     result = onorm("export", path, "--json")
     assert_json_failure(result, "export", 2, "BadInputError", "layer '1' (OnlineNorm1d): its running statistics or affine parameters are not finite")

@@ -10,6 +10,7 @@ from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.errors import BadInputError
+from onorm_convert.shared import strip_clamps
 from onorm_convert.fold import (
     AFFINE,
     FOLDED,
@@ -20,7 +21,6 @@ from onorm_convert.fold import (
     fold,
     fold_affine_weights,
     fold_with_report,
-    strip_clamps,
 )
 
 TOL = 1e-5

@@ -122,6 +122,9 @@ def test_every_step_matches_reference(case, steps, scale, near_offset, far_offse
         # products of decays that any evaluation forms, beyond the dtype's range.
         assume(max(t.abs().max().item() for t in expected.values()) < math.sqrt(torch.finfo(dtype).max))
         if dtype == torch.float64:
+            # Where the exact v recurrence amplifies rounding by more than 1e4 (decays far below -1), two
+            # float64 evaluations in different orders cannot agree to RTOL; the float32 cases cover that regime.
+            assume(reference.amplification.max().item() < 1e4)
             assert_matches(actual, expected, RTOL[dtype], context)
         else:
             loop_result = reference_step(loop, x, grad_out)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from onorm_convert import OnlineNorm1d, load_model
-from onorm_convert.checkpoint import FORMAT_VERSION, make_checkpoint, save_checkpoint
+from onorm_convert.checkpoint import FORMAT_VERSION, make_checkpoint, write_checkpoint
 from onorm_convert.cli.options import parse_arch_kwargs
 from onorm_convert.convert import convert
 from onorm_convert.errors import BadInputError
@@ -173,7 +173,7 @@ def test_onorm_checkpoint_rebuilds_without_flags(tmp_path, arch):
     model = trained(arch, width=5)
     options = {"ecm": "none", "clamp_value": 5.0, "alpha_fwd": 0.9, "alpha_bkw": 0.99, "include": [], "exclude": [], "frozen_bn": False}
     converted = convert(model, **options)
-    save_checkpoint(tmp_path / "c.pt", make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion=options, input_shapes=[(2, 3)]))
+    write_checkpoint(tmp_path / "c.pt", make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion=options, input_shapes=[(2, 3)]))
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert raw["format_version"] == FORMAT_VERSION and raw["conversion"] == options
     loaded = read_model(tmp_path / "c.pt")
@@ -187,7 +187,7 @@ def test_checkpoint_from_a_newer_onorm_is_refused(tmp_path, arch):
     checkpoint = make_checkpoint(trained(arch), arch=f"{arch}:net", arch_kwargs={}, conversion={})
     checkpoint["format_version"] = FORMAT_VERSION + 1
     torch.save(checkpoint, tmp_path / "c.pt")
-    with pytest.raises(BadInputError, match="format version 2 is not supported .* upgrade onorm"):
+    with pytest.raises(BadInputError, match=f"format version {FORMAT_VERSION + 1} is not supported .* upgrade onorm"):
         read_model(tmp_path / "c.pt")
 
 
@@ -263,6 +263,9 @@ def test_bad_arch_kwargs(text, message):
         ("conversion", {"alpha_fwd": "fast"}),
         ("input_shapes", [["1", "3"]]),
         ("input_shapes", [[0, 3]]),
+        ("layers", {"bn": {"rank": 7, "config": {}}}),
+        ("layers", {"bn": {"rank": 1, "config": {"bogus": 1}}}),
+        ("layers", [1]),
     ],
 )
 def test_damaged_checkpoint_fields_are_bad_input(tmp_path, arch, field, value):
@@ -296,3 +299,33 @@ def test_a_factory_called_without_kwargs_does_not_say_fix_arch_kwargs(tmp_path, 
     torch.save(trained(arch).state_dict(), tmp_path / "sd.pt")
     with pytest.raises(BadInputError, match="calling it without arguments failed .*; pass --arch-kwargs if it needs arguments$"):
         read_model(tmp_path / "sd.pt", arch=f"{arch}:broken")
+
+
+def test_complex_weights_in_a_state_dict_are_refused_not_cut_to_their_real_part(tmp_path, arch):
+    state = trained(arch).state_dict()
+    name = next(iter(state))
+    state[name] = state[name].to(torch.complex64)
+    torch.save(state, tmp_path / "sd.pt")
+    with pytest.raises(BadInputError, match=f"'{name}' holds complex numbers"):
+        read_model(tmp_path / "sd.pt", arch=f"{arch}:net")
+
+
+def test_a_version_1_checkpoint_gets_its_layout_from_its_state_dict(tmp_path, arch):
+    model = trained(arch, width=5)
+    converted = convert(model, alpha_fwd=0.9, ecm="none")
+    ckpt = make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"alpha_fwd": 0.9, "ecm": "none"})
+    del ckpt["layers"]
+    ckpt["format_version"] = 1
+    torch.save(ckpt, tmp_path / "v1.pt")
+    loaded = read_model(tmp_path / "v1.pt").module
+    assert isinstance(loaded.bn, OnlineNorm1d) and (loaded.bn.alpha_fwd, loaded.bn.ecm) == (0.9, "none")
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_recorded_layer_where_the_model_has_no_norm_names_the_wrong_arch(tmp_path, arch):
+    ckpt = make_checkpoint(convert(trained(arch, width=5)), arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={})
+    ckpt["layers"] = {"fc": ckpt["layers"]["bn"]}
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(BadInputError, match="records an OnlineNorm at 'fc', where the model has a Linear; .* pass the --arch it was converted from"):
+        read_model(tmp_path / "c.pt")

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
 import typer
 
-from ..checkpoint import make_checkpoint, save_checkpoint
-from ..convert import EXACT_RTOL, ConversionWarning, LayerChange, check_conversion, convert_with_report
+from ..checkpoint import make_checkpoint
+from ..convert import ConversionWarning, LayerChange, convert_with_report
+from ..options import ConvertOptions
 from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
 from ..files import check_output_path, write_atomically
 from ..inputs import random_inputs
 from ..layers import normalize_ecm
 from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
-from .app import Console, app, format_table, report_error, run_command
+from ..verify import EXACT_RTOL, check_conversion
+from .app import Console, app, format_table, report_error, run_command, warnings_shown_on
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -44,9 +45,9 @@ def convert(
     key: KeyOpt = None,
     trust: TrustOpt = False,
     ecm: Annotated[str, typer.Option("--ecm", help="Error compensation: clamp, layer-scaling or none.")] = "clamp",
-    clamp_value: Annotated[float, typer.Option("--clamp-value", help="Clamp bound for --ecm clamp.")] = 5.0,
-    alpha_fwd: Annotated[float, typer.Option("--alpha-fwd", help="Forward (statistics) decay.")] = 0.999,
-    alpha_bkw: Annotated[float, typer.Option("--alpha-bkw", help="Backward (control) decay.")] = 0.99,
+    clamp_value: Annotated[float, typer.Option("--clamp-value", help="Clamp bound c for --ecm clamp: each layer bounds z by max(|beta| + c*|gamma|), what |y| <= c implies.")] = ConvertOptions.clamp_value,
+    alpha_fwd: Annotated[float, typer.Option("--alpha-fwd", help="Forward (statistics) decay; the doc's 0.999 suits training from scratch.")] = ConvertOptions.alpha_fwd,
+    alpha_bkw: Annotated[float, typer.Option("--alpha-bkw", help="Backward (control) decay; the doc's 0.99 suits training from scratch.")] = ConvertOptions.alpha_bkw,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Convert only modules whose name matches this glob (repeatable).", show_default=False)] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave modules whose name matches this glob (repeatable).", show_default=False)] = None,
     frozen_bn: Annotated[bool, typer.Option("--frozen-bn", help="Also convert torchvision FrozenBatchNorm2d (made trainable).")] = False,
@@ -63,7 +64,7 @@ def convert(
             "include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn,
         }  # fmt: skip
         shapes = parse_input_shapes(input_shape)
-        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         destination = check_output_path(output or model.with_name(f"{model.stem}_onorm.pt"), [model], force)
         shapes = shapes or loaded.input_shapes
         converted, changes = _convert(loaded, options, shapes, console)
@@ -90,7 +91,7 @@ def convert(
         else:
             report["check"] = None
             console.warn("no --input-shape: the conversion was not checked on an example input")
-        report["output_format"] = _write(loaded, converted, destination, options, shapes)
+        report["output_format"] = _write(loaded, converted, destination, options, shapes, replace=force)
         console.print(f"converted {report['converted']} of {len(changes)} normalization layers -> {destination}")
         return EXIT_OK, report
 
@@ -106,30 +107,29 @@ def _ecm_name(ecm: str) -> str:
 
 def _convert(loaded: LoadedModel, options: dict[str, Any], shapes: list[tuple[int, ...]], console: Console):
     """convert_with_report with its ConversionWarnings shown as console warnings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConversionWarning)
+    with warnings_shown_on(console, ConversionWarning):
         converted, changes = convert_with_report(loaded.module, example_shapes=shapes or None, **options)
-    for warning in caught:
-        if issubclass(warning.category, ConversionWarning):
-            console.warn(str(warning.message))
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    if loaded.format == ONORM_CHECKPOINT and any(change.new_type for change in changes):
+    if "conversion" in loaded.info and any(change.new_type for change in changes):
         raise BadInputError(
-            f"the onorm checkpoint was converted with {loaded.info['conversion']}; converting it again with other options "
+            f"the model was already converted with {loaded.info['conversion']}; converting it again with other options "
             "cannot be recorded: convert the original state dict with the options you want"
         )
     return converted, changes
 
 
-def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, options: dict, shapes: list) -> str:
-    """Save a pickled module for a pickled module, else the self-describing checkpoint; returns the format written."""
+def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, options: dict, shapes: list, replace: bool) -> str:
+    """Save a pickled module for a pickled module, else the self-describing checkpoint; returns the format written.
+
+    Without ``replace`` (--force) the file is published exclusively: one that another run wrote meanwhile is kept.
+    """
     if loaded.format == PICKLED_MODULE:
-        write_atomically(destination, lambda tmp: torch.save(converted, tmp))
-        return PICKLED_MODULE
-    conversion = loaded.info["conversion"] if loaded.format == ONORM_CHECKPOINT else options
-    save_checkpoint(destination, make_checkpoint(converted, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, conversion=conversion, input_shapes=shapes))
-    return ONORM_CHECKPOINT
+        content, written = converted, PICKLED_MODULE
+    else:
+        conversion = loaded.info.get("conversion", options)  # a converted model keeps the options it was converted with
+        content = make_checkpoint(converted, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, conversion=conversion, input_shapes=shapes)
+        written = ONORM_CHECKPOINT
+    write_atomically(destination, lambda tmp: torch.save(content, tmp), replace=replace)
+    return written
 
 
 def _print_table(console: Console, changes: list[LayerChange]) -> None:

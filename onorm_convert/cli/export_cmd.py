@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
+from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError, quoted
 from ..export import ONNX, TORCH, ExportMismatchError, ExportReport, check_opset, export_onnx, export_torch
 from ..files import check_output_path
 from ..inputs import fit_inputs, load_input_file, random_inputs
@@ -65,16 +65,16 @@ def export(
         check_opset(opset)
         check_tolerances(atol, rtol)
         shapes = parse_input_shapes(input_shape)
-        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         shapes = shapes or loaded.input_shapes
         if not shapes:
-            raise BadInputError(f"{model}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224")
+            raise BadInputError(f"{quoted(model)}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224")
         sources = [model] if inputs is None else [model, inputs]
         destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), sources, force)
-        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {inputs}", static_batch)
+        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {quoted(inputs)}", static_batch)
         options = dict(
             strip_clamp=strip_clamp, dynamic_batch=not static_batch, verify=not no_verify, atol=atol, rtol=rtol,
-            real_inputs=real, keep_failed=keep_failed, progress=console.progress,
+            real_inputs=real, keep_failed=keep_failed, replace=force, progress=console.progress,
         )  # fmt: skip
         header = {"input": str(model), "input_format": loaded.format, "output": str(destination)}
         try:
@@ -132,7 +132,7 @@ def show_report(console: Console, report: ExportReport) -> None:
     if report.clamp_audit is not None and not report.clamp_audit.layers:
         console.print("clamp audit: the model has no clamped OnlineNorm layer")
     elif report.clamp_audit is not None:
-        rows = [(a.layer, f"±{a.clamp_value:g}", f"{a.clipped}/{a.activations}", f"{a.fraction:.4%}", f"{a.max_change:.3g}") for a in report.clamp_audit.layers]
+        rows = [(a.layer, f"±{a.clamp_bound:g}", f"{a.clipped}/{a.activations}", f"{a.fraction:.4%}", f"{a.max_change:.3g}") for a in report.clamp_audit.layers]
         console.print()
         for line in format_table(AUDIT_COLUMNS, rows):
             console.print(line)

@@ -29,7 +29,7 @@ def inspect(
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
         shapes = parse_input_shapes(input_shape)
-        loaded = load_for_cli(model, arch, arch_kwargs, key, trust)
+        loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         shapes = shapes or loaded.input_shapes
         changes = plan_conversion(loaded.module, example_shapes=shapes or None)
         _, fold_report = fold_with_report(loaded.module, example_inputs=random_inputs(shapes) if shapes else None)

@@ -10,7 +10,8 @@ import typer
 
 from ..errors import BadInputError
 from ..inputs import parse_input_shape
-from ..load import LoadedModel, read_model
+from ..load import LoadedModel, LoadWarning, read_model
+from .app import Console, warnings_shown_on
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: a state dict (+ --arch), an onorm checkpoint, or a pickled module (+ --trust).", show_default=False)]
 ArchOpt = Annotated[
@@ -58,7 +59,8 @@ def parse_input_shapes(texts: list[str] | None) -> list[tuple[int, ...]]:
     return [parse_input_shape(text) for text in texts or []]
 
 
-def load_for_cli(model: Path, arch: str | None, arch_kwargs: str | None, key: str | None, trust: bool) -> LoadedModel:
-    """Read MODEL with the loading flags as typed on the command line."""
+def load_for_cli(console: Console, model: Path, arch: str | None, arch_kwargs: str | None, key: str | None, trust: bool) -> LoadedModel:
+    """Read MODEL with the loading flags as typed on the command line; its LoadWarnings become console warnings."""
     kwargs = parse_arch_kwargs(arch_kwargs)
-    return read_model(model, arch=arch, arch_kwargs=kwargs if arch_kwargs is not None else None, key=key, trust=trust)
+    with warnings_shown_on(console, LoadWarning):
+        return read_model(model, arch=arch, arch_kwargs=kwargs if arch_kwargs is not None else None, key=key, trust=trust)

@@ -29,6 +29,17 @@ from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
 ECMS = (CLAMP, LAYER_SCALING, NONE)
+# How v advances per sample (see backward_statistics): the doc's explicit step, or its implicit
+# (backward Euler) form, whose decay 1 / (1 + (1 - alpha_bkw) * mean(y^2)) stays in (0, 1].
+EXACT, STABLE = "exact", "stable"
+CONTROLS = (EXACT, STABLE)
+
+
+class OnlineNormStateError(RuntimeError):
+    """A layer's streaming state would become NaN/Inf (bad input, or a recurrence that ran away and overflowed).
+
+    The layer's state is left as it was before the step.
+    """
 
 
 @dataclass
@@ -60,15 +71,17 @@ def _without_autocast(method):
 class OnlineNormFunction(torch.autograd.Function):
     """Streaming normalization + affine + optional clamp, with ON's controlled backward.
 
-    ``forward(x, weight, bias, state, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype)``
+    ``forward(x, weight, bias, state, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name)``
     returns ``z = gamma * y + beta`` in ``out_dtype``, clamped to ``[-clamp_value, clamp_value]``
     unless ``clamp_value`` is None. ``weight``/``bias`` may be None (no affine). ``state`` is
-    advanced in place: mean/var in forward, u/v in backward.
+    advanced in place: mean/var in forward, u/v in backward; ``control`` is how v advances
+    (``CONTROLS``). A new state that is not finite raises :class:`OnlineNormStateError` naming
+    the layer ``name`` instead, the state untouched.
     """
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype):
+    def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
         # Snapshots: the state is advanced below.
@@ -83,10 +96,12 @@ class OnlineNormFunction(torch.autograd.Function):
             saved = (var0,)
         else:
             z, mean_last, var_last, saved = kernel(forward_pass, x3)(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
+        check_state(name, {"running_mean": mean_last, "running_var": var_last}, forward=True)
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
         ctx.save_for_backward(x, mean0, gamma, offset, *saved)
         ctx.state, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit = state, alpha_fwd, alpha_bkw, eps, limit
+        ctx.control, ctx.name = control, name
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # detach(): the same memory without the view relation autograd forbids for a Function's
@@ -104,17 +119,45 @@ class OnlineNormFunction(torch.autograd.Function):
         g3 = _as_channels_by_positions(grad_out, dtype)
         u0, v0 = state.u.to(dtype), state.v.to(dtype)
         if ctx.native:
-            args = (mean0, *saved, gamma, offset, u0, v0, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit)
+            args = (mean0, *saved, gamma, offset, u0, v0, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit, ctx.control == STABLE)
             grads_and_state = native.backward(g3, x3, *args)
         else:
-            args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit)
+            args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit, ctx.control)
             grads_and_state = kernel(backward_pass, x3)(g3, x3, *args)
         grad_x, grad_weight, grad_bias, u_last, v_last = grads_and_state
+        check_state(ctx.name, {"u_ctrl": u_last, "v_ctrl": v_last}, forward=False, control=ctx.control)
         state.u.copy_(u_last)
         state.v.copy_(v_last)
         grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
         grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, *(None,) * 8
+
+
+def check_state(name: str, new_state: dict[str, Tensor], forward: bool, control: str = EXACT) -> None:
+    """Raise :class:`OnlineNormStateError` if a new state is not finite (one host sync per pass).
+
+    A control that runs away (the exact v recurrence amplifying) is caught when it overflows its
+    dtype: float32 state within a few steps (measured: 2e4, 8e11, 8e28, inf). A finite magnitude
+    limit would also stop the doc's equations where they are still exact (float64 state).
+    """
+    finite = [torch.isfinite(t).all() for t in new_state.values()]
+    if bool(torch.stack(finite).all()):
+        return
+    bad = next(key for key, ok in zip(new_state, finite) if not ok)
+    raise OnlineNormStateError(f"OnlineNorm layer '{name}': {bad} became NaN/Inf in a training {_state_advice(forward, control)}; "
+                               "the layer's state is left as it was before this step")  # fmt: skip
+
+
+def _state_advice(forward: bool, control: str) -> str:
+    """Where a bad state arose, what usually causes it there, and what to change."""
+    if forward:
+        return ("forward pass: the input holds NaN/Inf or overflows; check the layers before it and the learning rate "
+                "(the model may be diverging)")  # fmt: skip
+    cause = ("backward pass: the gradient holds NaN/Inf, or the control ran away and overflowed (the activations outgrew "
+             "the running statistics until its decay 1 - (1 - alpha_bkw) * mean(y^2) fell below -1)")  # fmt: skip
+    if control == EXACT:
+        return cause + "; use control='stable' (bounded decay), a smaller alpha_fwd (faster statistics) or a lower learning rate"
+    return cause + "; use a smaller alpha_fwd (faster statistics) or a lower learning rate"
 
 
 def forward_pass(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
@@ -132,14 +175,14 @@ def forward_pass(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, l
     return z, mean_last, var_last, (drift_prev, inv_k, d, s)
 
 
-def backward_pass(g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float):
+def backward_pass(g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float, control: str):
     """Training backward on ``(N, C, S)`` views: one function, fused when compiled.
 
     Returns ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
     """
     z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
     sum_gz, sum_gz_xc = masked_grad_sums(g3, x3, *z_coefs, limit)
-    stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2])
+    stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2], control)
     grad_weight, grad_bias, u_last, v_last, xc_coef, const = stats
     grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
     grad_x = input_grad(g3, x3, *z_coefs, limit, *grad_coefs)
@@ -165,13 +208,16 @@ def forward_statistics(m, s, mean0, var0, alpha_fwd: float, eps: float):
     return drift_prev, mean0 + drift_last, var_last, torch.rsqrt(var_prev + eps), d
 
 
-def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int):
+def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int, control: str = EXACT):
     """The backward recurrences, from the per-sample sums of ``gz`` and ``gz * (x - mu_prev)``.
 
     With ``g = gamma * gz`` (``gz``: the gradient at ``z`` where the clamp let it through),
     ``v`` and ``u`` follow from per-sample means of ``g * y``, ``y^2``, ``g`` and ``y``; then
     ``dL/dx = g'/k - (1-ab) u_prev`` with ``g' = g - (1-ab) v_prev y`` is affine in ``gz``
-    and ``x - mu_prev``.
+    and ``x - mu_prev``. ``control``: v advances by the doc's
+    ``v = v_prev * (1 - (1-ab) mean(y^2)) + mean(g y)`` (``"exact"``), or by its implicit form
+    ``v = (v_prev + mean(g y)) / (1 + (1-ab) mean(y^2))`` (``"stable"``: the same fixed point,
+    a decay in (0, 1] however large y grows).
 
     Returns ``(grad_weight, grad_bias, u_last, v_last, xc_coef, const)``:
     ``dL/dx = gz * gamma / k + (x - mu_prev) * xc_coef + const``.
@@ -179,7 +225,11 @@ def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw
     ab = alpha_bkw
     mean_gz_y = sum_gz_xc * (inv_k / count)  # mean over positions of gz * y
     mean_y2 = (s + d * d) * inv_k * inv_k
-    v_prev, v_last = linear_scan(1 - (1 - ab) * mean_y2, mean_gz_y * gamma, v0)
+    if control == STABLE:
+        v_decay = 1 / (1 + (1 - ab) * mean_y2)
+        v_prev, v_last = linear_scan(v_decay, mean_gz_y * gamma * v_decay, v0)
+    else:
+        v_prev, v_last = linear_scan(1 - (1 - ab) * mean_y2, mean_gz_y * gamma, v0)
     mean_h = (sum_gz * (gamma / count) - (1 - ab) * v_prev * d * inv_k) * inv_k
     u_prev, u_last = linear_scan(ab, mean_h, u0)
     grad_weight = mean_gz_y.sum(0) * count

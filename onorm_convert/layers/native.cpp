@@ -52,6 +52,12 @@ inline T clamp_to(T v, T limit) {  // NaN stays NaN, as torch.clamp
     return v > limit ? limit : (v < -limit ? -limit : v);
 }
 
+// v after one sample, from v_prev, mean(g y) and (1-ab) mean(y^2): the doc's explicit step
+// v_prev + mean(g' y), or (stable) its implicit form, whose decay 1 / (1 + (1-ab) mean(y^2)) stays in (0, 1].
+inline A next_v(A v_prev, A mean_gy, A cb_mean_y2, int stable) {
+    return stable ? (v_prev + mean_gy) / (1 + cb_mean_y2) : v_prev * (1 - cb_mean_y2) + mean_gy;
+}
+
 template <typename T>
 void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
              const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
@@ -82,8 +88,8 @@ void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0
 
 template <typename T>
 void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, const T* mean0, const T* var0,
-              const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,
-              T* v_io, T* grad_weight, T* grad_bias, int threads) {
+              const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, int stable,
+              T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps, cb = 1 - alpha_bkw;
     for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
@@ -107,7 +113,7 @@ void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t cha
                 sgy[j] += gz * y;
                 sg[j] += gz;
                 const A g_ctrl = gz * gm[j] - cb * vv[j] * y;  // g' = dL/dy - (1-ab) v y
-                vv[j] += g_ctrl * y;
+                vv[j] = next_v(vv[j], gz * gm[j] * y, cb * (y * y), stable);
                 const A dx = g_ctrl * inv_k - cb * uu[j];
                 uu[j] += dx;
                 dxt[j] = T(dx);
@@ -152,11 +158,11 @@ struct InputGrad {
 };
 
 template <typename T>
-inline InputGrad<T> control_step(A sum_gz, A sum_gz_xc, A s, A d, A inv_k, A gamma, A count, A keep, A cb, A& u,
-                                 A& v, A& sum_gy, A& sum_g) {
+inline InputGrad<T> control_step(A sum_gz, A sum_gz_xc, A s, A d, A inv_k, A gamma, A count, A keep, A cb,
+                                 int stable, A& u, A& v, A& sum_gy, A& sum_g) {
     const A mean_gz_y = sum_gz_xc * inv_k / count, mean_y2 = (s + d * d) * inv_k * inv_k;
     const A v_prev = v, u_prev = u;
-    v = v_prev * (1 - cb * mean_y2) + mean_gz_y * gamma;
+    v = next_v(v_prev, mean_gz_y * gamma, cb * mean_y2, stable);
     u = keep * u_prev + (sum_gz * gamma / count - cb * v_prev * d * inv_k) * inv_k;
     sum_gy += sum_gz_xc * inv_k;
     sum_g += sum_gz;
@@ -169,6 +175,7 @@ inline InputGrad<T> control_step(A sum_gz, A sum_gz_xc, A s, A d, A inv_k, A gam
 template <typename T>
 struct RowChannel {
     A a, b, ab, e, keep, cb;  // alpha_fwd, 1 - alpha_fwd, their product, eps, alpha_bkw, 1 - alpha_bkw
+    int stable = 0;  // how v advances (next_v)
     T m0, beta, lim;
     A gamma, drift = 0, var, u = 0, v = 0, sum_gy = 0, sum_g = 0;
 
@@ -218,7 +225,7 @@ struct RowChannel {
             sum_gz_xc += A(gz) * A(xc);
         }
         const InputGrad<T> coef =
-            control_step<T>(sum_gz, sum_gz_xc, st.s, d, inv_k, gamma, n, keep, cb, u, v, sum_gy, sum_g);
+            control_step<T>(sum_gz, sum_gz_xc, st.s, d, inv_k, gamma, n, keep, cb, stable, u, v, sum_gy, sum_g);
         const T grad_coef = coef.grad, xc_coef = coef.xc, constant = coef.constant;
 #pragma omp simd
         for (int64_t p = 0; p < count; ++p) {
@@ -250,12 +257,13 @@ void spatial_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t posi
 template <typename T>
 void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
                       const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
-                      double alpha_bkw, double eps, double limit, T* u_io, T* v_io, T* grad_weight, T* grad_bias,
-                      int threads) {
+                      double alpha_bkw, double eps, double limit, int stable, T* u_io, T* v_io, T* grad_weight,
+                      T* grad_bias, int threads) {
     const int team = channels < threads ? int(channels) : threads;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
         RowChannel<T> ch(alpha_fwd, alpha_bkw, eps, limit, mean0[c], var0[c], gamma[c], beta[c]);
+        ch.stable = stable;
         ch.u = u_io[c];
         ch.v = v_io[c];
         for (int64_t t = 0; t < n; ++t) {
@@ -354,8 +362,8 @@ void channels_last_forward(const T* x, T* z, int64_t n, int64_t channels, int64_
 template <typename T>
 void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
                             const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
-                            double alpha_bkw, double eps, double limit, T* u_io, T* v_io, T* grad_weight,
-                            T* grad_bias, int threads) {
+                            double alpha_bkw, double eps, double limit, int stable, T* u_io, T* v_io,
+                            T* grad_weight, T* grad_bias, int threads) {
     for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
         ColumnBlock<T> blk(c0, c1, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit);
         const int64_t w = blk.w;
@@ -385,8 +393,8 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
             }
             for (int64_t j = 0; j < w; ++j) {
                 const InputGrad<T> coef = control_step<T>(sgz[j], sgzx[j], blk.sv[j], blk.d[j], blk.inv_k[j],
-                                                          A(blk.gamma[j]), count, blk.keep, blk.cb, blk.u[j],
-                                                          blk.v[j], blk.sum_gy[j], blk.sum_g[j]);
+                                                          A(blk.gamma[j]), count, blk.keep, blk.cb, stable,
+                                                          blk.u[j], blk.v[j], blk.sum_gy[j], blk.sum_g[j]);
                 grad_coef[j] = coef.grad;
                 xc_coef[j] = coef.xc;
                 constant[j] = coef.constant;
@@ -423,9 +431,10 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
     extern "C" void onorm_dense_backward_##SUFFIX(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c,         \
                                                   const T* mean0, const T* var0, const T* gamma, const T* beta,       \
                                                   double alpha_fwd, double alpha_bkw, double eps, double limit,       \
-                                                  T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {      \
-        dense_backward(grad, x, grad_x, n, c, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io, v_io,      \
-                 grad_weight, grad_bias, threads);                                                                    \
+                                                  int stable, T* u_io, T* v_io, T* grad_weight, T* grad_bias,         \
+                                                  int threads) {                                                      \
+        dense_backward(grad, x, grad_x, n, c, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, stable, u_io,    \
+                       v_io, grad_weight, grad_bias, threads);                                                        \
     }
 
 // The spatial and channels_last kernels share one signature: sizes (N, C, S) of the batch.
@@ -437,10 +446,10 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
     }                                                                                                                 \
     extern "C" void onorm_##LAYOUT##_backward_##SUFFIX(                                                               \
         const T* grad, const T* x, T* grad_x, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0,         \
-        const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, T* u_io,         \
-        T* v_io, T* grad_weight, T* grad_bias, int threads) {                                                         \
-        LAYOUT##_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, u_io, \
-                          v_io, grad_weight, grad_bias, threads);                                                     \
+        const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, int stable,      \
+        T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {                                                \
+        LAYOUT##_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit,       \
+                          stable, u_io, v_io, grad_weight, grad_bias, threads);                                       \
     }
 
 ONORM_EXPORT(float, f32)

@@ -42,9 +42,9 @@ _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
     "onorm_dense_forward": [_P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
 }
 _SIGNATURES.update({name.replace("spatial", "channels_last"): types for name, types in _SIGNATURES.items() if "spatial" in name})
 
@@ -80,8 +80,12 @@ def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit:
     return _from_kernel(layout, z, x3), mean_last, var_last
 
 
-def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit):
-    """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``."""
+def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False):
+    """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
+
+    ``stable``: v advances by the implicit form of its recurrence (``control="stable"``, see
+    :func:`.functional.backward_statistics`), else by the doc's step.
+    """
     layout = _layout(x3)
     x, grad = _to_kernel(layout, x3), _to_kernel(layout, grad3)
     mean0, var0, gamma, offset, u0, v0 = _per_channel(x3, mean0, var0, gamma, offset, u0, v0)
@@ -89,7 +93,7 @@ def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw
     u_last, v_last = u0.clone(), v0.clone()  # advanced in place by the kernel
     grad_weight, grad_bias = torch.empty_like(gamma), torch.empty_like(gamma)
     _call(f"onorm_{layout}_backward", grad, x, grad_x, *_sizes(layout, x3), mean0, var0, gamma, offset,
-          alpha_fwd, alpha_bkw, eps, limit, u_last, v_last, grad_weight, grad_bias)  # fmt: skip
+          alpha_fwd, alpha_bkw, eps, limit, int(stable), u_last, v_last, grad_weight, grad_bias)  # fmt: skip
     return _from_kernel(layout, grad_x, x3), grad_weight, grad_bias, u_last, v_last
 
 
@@ -206,7 +210,7 @@ def build(compiler: str, cache_dir: Path) -> Path:
         fd, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache_dir)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, errors="replace", timeout=300)
             if done.returncode == 0:
                 os.replace(partial, target)
                 _prune(cache_dir, keep=target)
@@ -241,7 +245,7 @@ def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     hands one a build for another's CPU.
     """
     macros = subprocess.run(
-        [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60
+        [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, errors="replace", timeout=60
     )  # fmt: skip
     if macros.returncode != 0:
         raise BuildError(f"{compiler} failed: {_error_line(macros.stderr, macros.returncode)}")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import CLAMP, ECMS, LAYER_SCALING, NONE, OnlineNormFunction, StreamState, frozen_affine, layer_scale
+from .functional import (
+    CLAMP, CONTROLS, ECMS, EXACT, LAYER_SCALING, NONE, OnlineNormFunction, StreamState, frozen_affine, layer_scale,
+)  # fmt: skip
 
 STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
+# How the clamp bounds z: by the doc's fixed clamp_value, or by the bound it implies through the affine (clamp_bound).
+FIXED, AFFINE = "fixed", "affine"
+CLAMP_MODES = (FIXED, AFFINE)
 
 
 def normalize_ecm(ecm: str | None) -> str:
@@ -26,6 +31,21 @@ class OnlineNormBase(nn.Module):
     frozen. Buffers: ``running_mean``/``running_var`` (streaming mu and var) and
     ``u_ctrl``/``v_ctrl`` (the backward control accumulators u and v), all kept in
     float32 (or float64) whatever the dtype the module is cast to.
+
+    Two departures from the doc's equations, each off by default here:
+
+    - ``control="stable"``: v advances by the implicit form of its recurrence,
+      ``v = (v_prev + mean(g y)) / (1 + (1 - alpha_bkw) * mean(y^2))``, instead of
+      ``v = v_prev + mean(g' y)`` (``"exact"``). Same fixed point; the decay stays in (0, 1]
+      where the exact one falls below -1 once ``mean(y^2) > 2 / (1 - alpha_bkw)`` and v runs away.
+    - ``clamp_mode="affine"``: the clamp bounds z by ``max over channels of |beta| + c * |gamma|``
+      (``c = clamp_value``), the bound that ``|y| <= c`` implies for the loosest channel, recomputed
+      from the parameters at each call (``clamp_bound``); ``"fixed"`` bounds z by ``c`` itself. A
+      freshly initialized layer (gamma 1, beta 0) gets ``c`` either way.
+
+    A training step whose new state would be NaN/Inf (a bad input, or u/v running away until
+    they overflow), raises :class:`OnlineNormStateError` naming the layer (``layer_name``,
+    set by :func:`onorm_convert.convert` to the module's name) and leaves the state as it was.
     """
 
     _ranks: tuple[int, ...] = ()
@@ -40,6 +60,8 @@ class OnlineNormBase(nn.Module):
         ecm: str | None = CLAMP,
         clamp_value: float = 5.0,
         ls_eps: float = 1e-5,
+        control: str = EXACT,
+        clamp_mode: str = FIXED,
         device=None,
         dtype=None,
     ) -> None:
@@ -51,14 +73,21 @@ class OnlineNormBase(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1); got {alpha}")
         if clamp_value <= 0:
             raise ValueError(f"clamp_value must be positive; got {clamp_value}")
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {', '.join(CONTROLS)}; got {control!r}")
+        if clamp_mode not in CLAMP_MODES:
+            raise ValueError(f"clamp_mode must be one of {', '.join(CLAMP_MODES)}; got {clamp_mode!r}")
         self.num_features = num_features
         self.alpha_fwd = float(alpha_fwd)
         self.alpha_bkw = float(alpha_bkw)
         self.eps = float(eps)
         self.affine = affine
         self.ecm = normalize_ecm(ecm)
-        self.clamp_value = float(clamp_value)
+        self.clamp_value = float(clamp_value)  # c: the bound on z ("fixed") or on |y| ("affine"); see clamp_bound
         self.ls_eps = float(ls_eps)
+        self.control = control
+        self.clamp_mode = clamp_mode
+        self.layer_name: str | None = None  # for error messages; convert() sets the module's qualified name
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -70,6 +99,14 @@ class OnlineNormBase(nn.Module):
         for name in STATE_BUFFERS:
             self.register_buffer(name, torch.zeros(num_features, device=device, dtype=state_dtype))
         self.reset_running_stats()
+
+    @property
+    def clamp_bound(self) -> float:
+        """The bound the clamp puts on z now: ``clamp_value``, or with ``clamp_mode="affine"`` ``max(|beta| + clamp_value * |gamma|)``."""
+        if self.clamp_mode == FIXED or not self.affine:
+            return self.clamp_value
+        with torch.no_grad():
+            return float((self.bias.abs() + self.clamp_value * self.weight.abs()).max())
 
     def reset_running_stats(self) -> None:
         """Fresh stream: mu = 0, var = 1, u = v = 0."""
@@ -99,12 +136,13 @@ class OnlineNormBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        clamp = self.clamp_value if self.ecm == CLAMP else None
+        clamp = self.clamp_bound if self.ecm == CLAMP else None
         if self.training and x.numel() > 0:  # an empty batch (or empty positions) is no sample of the stream
             state = StreamState(self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
             # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
             z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
-            args = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp, z_dtype)
+            name = self.layer_name or f"{type(self).__name__}({self.num_features})"
+            args = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp, z_dtype, self.control, name)
             z = OnlineNormFunction.apply(x, self.weight, self.bias, state, *args)
         else:
             z = self.frozen_forward(x, clamp)
@@ -118,10 +156,13 @@ class OnlineNormBase(nn.Module):
         return z if clamp is None else z.clamp(-clamp, clamp)
 
     def extra_repr(self) -> str:
-        ecm = f"ecm={self.ecm!r}" + (f", clamp_value={self.clamp_value}" if self.ecm == CLAMP else "")
+        ecm = f"ecm={self.ecm!r}"
+        if self.ecm == CLAMP:
+            ecm += f", clamp_value={self.clamp_value}" + (f", clamp_mode={self.clamp_mode!r}" if self.clamp_mode != FIXED else "")
+        control = f", control={self.control!r}" if self.control != EXACT else ""
         return (
             f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-            f"eps={self.eps}, affine={self.affine}, {ecm}"
+            f"eps={self.eps}, affine={self.affine}, {ecm}{control}"
         )
 
 
