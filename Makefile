@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,plots]"
 	touch $(STAMP)
 
-test: setup
+# Formatting and lint first (ruff, pinned in the dev extra), then every test.
+lint: setup
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -n 2 -q
+
+# Under a minute: everything but the tests marked slow (real processes, training, compiling).
+test-fast: setup
+	$(PY) -m pytest -n 2 -q -m "not slow"
 
 DEMO := build/demo
 ONORM := $(VENV)/bin/onorm
@@ -28,7 +37,7 @@ ONORM := $(VENV)/bin/onorm
 demo: setup
 	$(PY) sample_models/test_inputs.py digits_resnet $(DEMO)/digits_test.npy
 	$(ONORM) convert sample_models/digits_resnet.pt --arch sample_models.models:digits_resnet \
-		--input-shape 1,1,8,8 -o $(DEMO)/digits_resnet_onorm.pt --force
+		--input-shape 1,1,8,8 --inputs $(DEMO)/digits_test.npy -o $(DEMO)/digits_resnet_onorm.pt --force
 	$(ONORM) export $(DEMO)/digits_resnet_onorm.pt --strip-clamp --inputs $(DEMO)/digits_test.npy \
 		-o $(DEMO)/digits_resnet.onnx --force
 

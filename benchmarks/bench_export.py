@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, interleaved_medians, write_json  # noqa: E402
-
 from onorm_convert import convert, export_onnx  # noqa: E402
 from onorm_convert.export import op_type_counts, to_onnx_proto  # noqa: E402
+
+from common import RESULTS_DIR, environment, interleaved_medians, write_json  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -54,7 +54,12 @@ class Bottleneck(nn.Module):
 
 def resnet50(num_classes: int = 1000) -> nn.Module:
     """ResNet-50 (25.6 M parameters, 53 BatchNorm2d layers)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     inplanes = 64
     for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for index in range(blocks):
@@ -104,7 +109,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        bare_export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), x, folder / "warmup.onnx")  # exporter start-up
+        bare_export(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), x, folder / "warmup.onnx"
+        )  # exporter start-up
 
         pipeline, bare, reports = [], [], []
         for _ in range(args.repeats):
@@ -119,9 +126,16 @@ def main() -> None:
         export_onnx(converted, folder / "onorm.onnx", [x], strip_clamp=True, verify=False)
         original_ops = bare_export(original, x, folder / "original.onnx")
 
-        sessions = {"onorm_stripped": ort_session(folder / "onorm.onnx"), "batchnorm_original": ort_session(folder / "original.onnx")}
+        sessions = {
+            "onorm_stripped": ort_session(folder / "onorm.onnx"),
+            "batchnorm_original": ort_session(folder / "original.onnx"),
+        }
         feed = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
-        latency = interleaved_medians({name: (lambda s=s, f=feed[name]: s.run(None, f)) for name, s in sessions.items()}, args.latency_runs, warmup=3)
+        latency = interleaved_medians(
+            {name: (lambda s=s, f=feed[name]: s.run(None, f)) for name, s in sessions.items()},
+            args.latency_runs,
+            warmup=3,
+        )
         outputs = {name: s.run(None, feed[name])[0] for name, s in sessions.items()}
 
     pipeline_s, bare_s = statistics.median(pipeline), statistics.median(bare)
@@ -135,13 +149,17 @@ def main() -> None:
         "ort_latency_ratio": latency["onorm_stripped"] / latency["batchnorm_original"],
         "op_counts_equal": report.op_counts == original_ops,
         "op_counts": report.op_counts,
-        "max_abs_diff_between_deployed_models": float(np.abs(outputs["onorm_stripped"] - outputs["batchnorm_original"]).max()),
+        "max_abs_diff_between_deployed_models": float(
+            np.abs(outputs["onorm_stripped"] - outputs["batchnorm_original"]).max()
+        ),
         "verification": report.verification.summary(),
         "environment": environment(),
     }
     write_json(RESULTS_DIR / "bench_export.json", results)
     print(f"{results['model']} ({torch.get_num_threads()} threads)")
-    print(f"fold + export + verify: {pipeline_s:.2f} s  (steps: {', '.join(f'{k} {v:.2f} s' for k, v in report.seconds.items())})")
+    print(
+        f"fold + export + verify: {pipeline_s:.2f} s  (steps: {', '.join(f'{k} {v:.2f} s' for k, v in report.seconds.items())})"
+    )
     print(f"bare torch.onnx.export: {bare_s:.2f} s  -> ratio {results['pipeline_over_bare']:.2f}x (target <= 1.5x)")
     ms = results["ort_latency_ms"]
     print(f"onnxruntime latency: converted+stripped {ms['onorm_stripped']:.2f} ms, BatchNorm original {ms['batchnorm_original']:.2f} ms"

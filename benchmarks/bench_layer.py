@@ -119,7 +119,9 @@ def main(argv=None) -> int:
         label = f"{shape}{' CL' if channels_last else ''}"
         print(f"{label:>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
               f"{f'{TARGETS[kind]:.1f}x' if kind in TARGETS else '-':>7} {row['memory_ratio']:9.2f}x")  # fmt: skip
-    geomeans = {kind: geometric_mean([r["ratio"] for r in rows if r["kind"] == kind]) for kind in ("conv", "conv_channels_last")}
+    geomeans = {
+        kind: geometric_mean([r["ratio"] for r in rows if r["kind"] == kind]) for kind in ("conv", "conv_channels_last")
+    }
     worst_memory = max(r["memory_ratio"] for r in rows)
     print(f"conv geometric mean {geomeans['conv']:.2f}x (target {TARGETS['conv_geomean']}x); "
           f"channels_last (BatchNorm in channels_last too, no target) {geomeans['conv_channels_last']:.2f}x; "

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import RESULTS_DIR, BasicBlock, environment, interleaved_medians, write_json
 from onorm_convert import convert
+
+from common import RESULTS_DIR, BasicBlock, environment, interleaved_medians, write_json
 
 TARGETS = {"resnet18": 1.10, "mobilenet_v2": 1.30}
 
@@ -77,7 +78,15 @@ class InvertedResidual(nn.Module):
 
 
 # (expansion, output channels, repeats, first stride): torchvision's MobileNetV2 table at width 1.0.
-MOBILENET_V2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+MOBILENET_V2_STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def mobilenet_v2(num_classes: int = 1000, width_divisor: int = 1) -> nn.Module:
@@ -134,7 +143,9 @@ def compare_train_steps(
     inputs = torch.randn(batch, 3, size, size, generator=generator)
     targets = torch.randint(0, num_classes, (batch,), generator=generator)
     models = {"batchnorm": original, "online": converted, "no_norm": without_norms(original)}
-    medians = interleaved_medians({name: sgd_train_step(model, inputs, targets) for name, model in models.items()}, repeats)
+    medians = interleaved_medians(
+        {name: sgd_train_step(model, inputs, targets) for name, model in models.items()}, repeats
+    )
     ms = {name: seconds * 1e3 for name, seconds in medians.items()}
     return {
         "batchnorm_ms": ms["batchnorm"],
@@ -154,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=112, help="input height and width")
     parser.add_argument("--quick", action="store_true", help="narrow models at 32x32, to check the harness runs")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench_train_step.json", help="where to write the figures")
+    parser.add_argument(
+        "--json", type=Path, default=RESULTS_DIR / "bench_train_step.json", help="where to write the figures"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = 32 if args.quick else args.size

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
 from onorm_convert import convert
+
+from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
 from train_digits import DigitsSplit, load_digits_split
 
 BN_LABEL, ON_LABEL = "BN", "ON"  # ON: converted with convert()'s defaults
@@ -277,7 +278,9 @@ def batch1_learning_rate(pretrained: nn.Module, spec: ModelSpec, data: Data, ste
     return best, f"best for BN on seed 0 of {tried}"
 
 
-def run_model(spec: ModelSpec, split: DigitsSplit, config: Config, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_model(
+    spec: ModelSpec, split: DigitsSplit, config: Config, variants: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Pretrain ``spec`` with BatchNorm, then fine-tune BN and every converted variant at each batch size and seed."""
     data = Data.shaped(split, spec)
     pretrained, pretrained_acc = pretrain(spec, data, config.pretrain_epochs or spec.pretrain_epochs)
@@ -289,7 +292,9 @@ def run_model(spec: ModelSpec, split: DigitsSplit, config: Config, variants: dic
         "runs": [],
     }  # fmt: skip
     for batch, steps in config.steps.items():
-        lr, lr_note = (spec.recipe.lr, "the recipe's") if batch == 32 else batch1_learning_rate(pretrained, spec, data, steps)
+        lr, lr_note = (
+            (spec.recipe.lr, "the recipe's") if batch == 32 else batch1_learning_rate(pretrained, spec, data, steps)
+        )
         result.setdefault("learning_rates", {})[batch] = {"lr": lr, "chosen": lr_note}
         for label, start in {BN_LABEL: pretrained, **converted}.items():
             for seed in config.seeds:
@@ -403,7 +408,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> bool:
         axis.set_title(f"{model['model']}, batch {batch}", fontsize=10)
         axis.set_xlabel("fine-tuning step")
         axis.grid(alpha=0.3)
-    for axis in axes.flat[len(panels):]:
+    for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
     axes[0][0].set_ylabel("held-out accuracy (%)")
     axes[0][0].legend(loc="lower right", fontsize=8)

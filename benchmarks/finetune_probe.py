@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from finetune import MODELS, Data, accuracy, parse_variant, pretrain, sample_order
 from torch import Tensor, nn
 
-from common import RESULTS_DIR, environment, write_json
-from finetune import MODELS, Data, accuracy, parse_variant, pretrain, sample_order
 from onorm_convert import OnlineNormBase, convert, revert
+
+from common import RESULTS_DIR, environment, write_json
 from train_digits import load_digits_split
 
 
@@ -64,7 +65,9 @@ class LayerProbe:
 def forward_measures(layer: OnlineNormBase, x: Tensor) -> dict[str, float]:
     """What ``layer`` sees in ``x`` against its statistics before the batch (see the module docstring)."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    y = (x.double() - layer.running_mean.double().reshape(shape)) / torch.sqrt(layer.running_var.double().reshape(shape) + layer.eps)
+    y = (x.double() - layer.running_mean.double().reshape(shape)) / torch.sqrt(
+        layer.running_var.double().reshape(shape) + layer.eps
+    )
     m2 = y.square().reshape(len(y), y.shape[1], -1).mean(2)  # (N, C)
     z = y if layer.weight is None else y * layer.weight.double().reshape(shape) + layer.bias.double().reshape(shape)
     decay = 1 - (1 - layer.alpha_bkw) * m2
@@ -93,7 +96,9 @@ def batchnorm_grad_norm(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return grad_norm(twin)
 
 
-def probe_run(model: nn.Module, data: Data, spec, batch: int, lr: float, steps: int, update: bool = True) -> dict[str, Any]:
+def probe_run(
+    model: nn.Module, data: Data, spec, batch: int, lr: float, steps: int, update: bool = True
+) -> dict[str, Any]:
     """Fine-tune ``model`` (seed 0) recording :class:`LayerProbe` measures and the ON/BN gradient ratio each step.
 
     ``update=False`` keeps the weights frozen (no optimizer step): what the statistics and
@@ -117,7 +122,15 @@ def probe_run(model: nn.Module, data: Data, spec, batch: int, lr: float, steps: 
             error = f"step {step}: {err}"
             break
         layers = probe.after_backward()
-        records.append({"step": step, "loss": float(loss), "grad_norm": grad_norm(model), "bn_grad_norm": reference, "layers": layers})
+        records.append(
+            {
+                "step": step,
+                "loss": float(loss),
+                "grad_norm": grad_norm(model),
+                "bn_grad_norm": reference,
+                "layers": layers,
+            }
+        )
         if not math.isfinite(float(loss)):
             error = f"step {step}: loss {float(loss)}"
             break
@@ -175,12 +188,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for label, variant in results["variants"].items():
         records = variant["runs"]["batch32"]["records"]
         steps = [r["step"] for r in records]
-        worst = lambda key, pick: [pick(m[key] for m in r["layers"].values()) for r in records]  # noqa: E731
+        worst = lambda key, pick, records=records: [pick(m[key] for m in r["layers"].values()) for r in records]  # noqa: E731
         axes[0].semilogy(steps, worst("second_moment_max", max), label=label)
         axes[1].plot(steps, [100 * v for v in worst("clamped", max)], label=label)
         axes[2].plot(steps, worst("v_decay_min", min), label=label)
         frozen = variant["runs"]["batch32_frozen"]["records"]
-        axes[3].plot([r["step"] for r in frozen], [r["grad_norm"] / r["bn_grad_norm"] for r in frozen], label=f"{label}, frozen")
+        axes[3].plot(
+            [r["step"] for r in frozen], [r["grad_norm"] / r["bn_grad_norm"] for r in frozen], label=f"{label}, frozen"
+        )
         axes[3].plot(steps, [r["grad_norm"] / r["bn_grad_norm"] for r in records], ls="--", label=f"{label}, training")
     titles = ("largest mean(y^2) over layers", "largest clamped share (%)", "smallest v decay", "grad norm ON / BN")
     for axis, title in zip(axes, titles):

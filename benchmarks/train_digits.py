@@ -38,14 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
 from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
-from onorm_convert.shared import strip_clamps
 from onorm_convert.load import LoadedModel, read_model
+from onorm_convert.shared import strip_clamps
+
+from common import RESULTS_DIR, BasicBlock, environment, write_json, write_text
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 ARCH = "train_digits:digits_resnet"  # importable by the onorm CLI run with cwd=BENCHMARKS_DIR
-VARIANTS = {"BN": None, "ON (clamp)": "clamp", "ON (layer scaling)": "layer_scaling"}  # label -> --ecm (None: BatchNorm)
+VARIANTS = {
+    "BN": None,
+    "ON (clamp)": "clamp",
+    "ON (layer scaling)": "layer_scaling",
+}  # label -> --ecm (None: BatchNorm)
 BATCH_SIZES = (32, 2, 1)
 REFERENCE_BATCH = 32  # the batch size whose BN accuracy the targets are measured against
 VAL_FRACTION, SPLIT_SEED = 0.2, 0  # the fixed train/validation split
@@ -123,7 +128,10 @@ def onorm_cli(*calls: Sequence[str | Path]) -> list[subprocess.CompletedProcess]
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "onorm_convert", *map(str, args)],
-            cwd=BENCHMARKS_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=BENCHMARKS_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for args in calls
     ]
@@ -288,13 +296,21 @@ def run_experiment(
     results = {
         "environment": environment(),
         "recipe": asdict(recipe),
-        "split": {"train": len(split.train_y), "val": len(split.val_y), "val_fraction": VAL_FRACTION, "seed": SPLIT_SEED},
+        "split": {
+            "train": len(split.train_y),
+            "val": len(split.val_y),
+            "val_fraction": VAL_FRACTION,
+            "seed": SPLIT_SEED,
+        },
         "runs": runs,
         "dense_batchnorm_at_batch_1": dense_batchnorm_at_batch_1(),
     }
     export_batch = REFERENCE_BATCH if REFERENCE_BATCH in batch_sizes else batch_sizes[0]
     source = read_model(work_dir / "on_clamp_initial.pt")
-    results["export"] = {"batch": export_batch, **export_stripped(trained["ON (clamp)", export_batch], source, split, work_dir)}
+    results["export"] = {
+        "batch": export_batch,
+        **export_stripped(trained["ON (clamp)", export_batch], source, split, work_dir),
+    }
     results["targets"] = check_targets(runs, results["export"])
     return results
 
@@ -306,13 +322,27 @@ def check_targets(runs: list[dict[str, Any]], export: dict[str, Any]) -> list[di
     targets = []
     if reference is not None:
         clamp_gap = reference - (best.get(("ON (clamp)", REFERENCE_BATCH)) or 0.0)
-        targets.append({"target": "ON (clamp) within 1 point of BN at batch 32", "gap_points": clamp_gap, "met": clamp_gap <= 1.0})
+        targets.append(
+            {"target": "ON (clamp) within 1 point of BN at batch 32", "gap_points": clamp_gap, "met": clamp_gap <= 1.0}
+        )
         for label in ("ON (clamp)", "ON (layer scaling)"):
             if (label, 1) in best:
                 gap = reference - (best[label, 1] or 0.0)
-                targets.append({"target": f"{label} at batch 1 within 2 points of BN at batch 32", "gap_points": gap, "met": gap <= 2.0})
+                targets.append(
+                    {
+                        "target": f"{label} at batch 1 within 2 points of BN at batch 32",
+                        "gap_points": gap,
+                        "met": gap <= 2.0,
+                    }
+                )
     same = export["onnx_val_acc"] == export["pytorch_val_acc"]
-    targets.append({"target": "stripped ONNX accuracy identical to the trained PyTorch model's (clamps kept)", "gap_points": export["pytorch_val_acc"] - export["onnx_val_acc"], "met": same})
+    targets.append(
+        {
+            "target": "stripped ONNX accuracy identical to the trained PyTorch model's (clamps kept)",
+            "gap_points": export["pytorch_val_acc"] - export["onnx_val_acc"],
+            "met": same,
+        }
+    )
     return targets
 
 
@@ -324,7 +354,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The paper-style table (rows BN / ON (clamp) / ON (layer scaling); best val loss and accuracy per batch size)."""
     batches = list(dict.fromkeys(r["batch"] for r in results["runs"]))
     cells = {(r["variant"], r["batch"]): r for r in results["runs"]}
-    header = "| Normalization | " + " | ".join(f"batch {b}: best val loss | batch {b}: best val acc" for b in batches) + " |"
+    header = (
+        "| Normalization | " + " | ".join(f"batch {b}: best val loss | batch {b}: best val acc" for b in batches) + " |"
+    )
     lines = [header, "|---|" + "---:|---:|" * len(batches)]
     for label in VARIANTS:
         row = []
@@ -354,7 +386,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         "Targets:",
         "",
     ]
-    lines += [f"- {t['target']}: gap {t['gap_points']:+.2f} points — {'met' if t['met'] else 'MISSED'}" for t in results["targets"]]
+    lines += [
+        f"- {t['target']}: gap {t['gap_points']:+.2f} points — {'met' if t['met'] else 'MISSED'}"
+        for t in results["targets"]
+    ]
     return "\n".join(lines) + "\n"
 
 

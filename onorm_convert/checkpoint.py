@@ -50,7 +50,9 @@ _MAX_DEPTH = 32  # of arch_kwargs and conversion: deeper is no model's configura
 # The keyword arguments of onorm_convert.convert that a checkpoint records.
 CONVERSION_OPTIONS = frozenset({option.name for option in fields(ConvertOptions)} | {"include", "exclude", "frozen_bn"})
 # What an OnlineNorm is built from: its constructor's arguments, each kept as an attribute of the same name.
-LAYER_CONFIG = tuple(name for name in inspect.signature(OnlineNormBase.__init__).parameters if name not in ("self", "device", "dtype"))
+LAYER_CONFIG = tuple(
+    name for name in inspect.signature(OnlineNormBase.__init__).parameters if name not in ("self", "device", "dtype")
+)
 _RANKS = {cls: rank for rank, cls in ONLINE_NORMS.items()}
 _BATCH_NORM_RANKS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))
 
@@ -80,7 +82,9 @@ def save_checkpoint(
     (:mod:`onorm_convert.trust`); an existing ``path`` is replaced unless ``replace=False``,
     which publishes exclusively (a file that appears meanwhile is kept).
     """
-    checkpoint = make_checkpoint(model, arch=arch, arch_kwargs=arch_kwargs or {}, conversion=conversion_of(model), input_shapes=input_shapes)
+    checkpoint = make_checkpoint(
+        model, arch=arch, arch_kwargs=arch_kwargs or {}, conversion=conversion_of(model), input_shapes=input_shapes
+    )
     write_checkpoint(Path(path), checkpoint, replace=replace)
 
 
@@ -100,13 +104,19 @@ def make_checkpoint(
     from . import __version__
 
     if not _ARCH_SPEC.fullmatch(arch):
-        raise BadInputError(f"arch {arch!r}: expected package.module:factory, the code that builds the BatchNorm original")
+        raise BadInputError(
+            f"arch {arch!r}: expected package.module:factory, the code that builds the BatchNorm original"
+        )
     layers = layout_of(module)
     location = code_location(arch)
     try:
         signature = sign(arch, arch_kwargs, location)
     except KeyUnavailable as err:
-        warnings.warn(f"the checkpoint is not signed ({err}); loading it will need --arch {arch} or --trust", UnsignedCheckpointWarning, stacklevel=2)
+        warnings.warn(
+            f"the checkpoint is not signed ({err}); loading it will need --arch {arch} or --trust",
+            UnsignedCheckpointWarning,
+            stacklevel=2,
+        )
         signature = None
     return {
         "format": FORMAT_TAG,
@@ -140,12 +150,16 @@ def layout_of(model: nn.Module) -> Layout:
     for name, module in model.named_modules():
         if isinstance(module, OnlineNormBase):
             if type(module) not in _RANKS:
-                raise BadInputError(f"'{name}' is a {type(module).__name__}; a checkpoint rebuilds onorm's own OnlineNorm1d/2d/3d only")
+                raise BadInputError(
+                    f"'{name}' is a {type(module).__name__}; a checkpoint rebuilds onorm's own OnlineNorm1d/2d/3d only"
+                )
             layout[name] = {"rank": _RANKS[type(module)], "config": {key: getattr(module, key) for key in LAYER_CONFIG}}
     return layout
 
 
-def inferred_layout(module: nn.Module, state_dict: Mapping[str, Any], options: ConvertOptions, source: Path | str) -> Layout:
+def inferred_layout(
+    module: nn.Module, state_dict: Mapping[str, Any], options: ConvertOptions, source: Path | str
+) -> Layout:
     """The layout of a converted model whose file records none, read off its ``state_dict``.
 
     The layers are those the state dict holds OnlineNorm state for (control accumulators
@@ -159,7 +173,10 @@ def inferred_layout(module: nn.Module, state_dict: Mapping[str, Any], options: C
         if leaf != "u_ctrl" or key in own:
             continue
         norm = _module_at(module, prefix, source)
-        rank = next((r for cls, r in _BATCH_NORM_RANKS if isinstance(norm, cls)), 2 if type(norm).__name__ == "FrozenBatchNorm2d" else None)
+        rank = next(
+            (r for cls, r in _BATCH_NORM_RANKS if isinstance(norm, cls)),
+            2 if type(norm).__name__ == "FrozenBatchNorm2d" else None,
+        )
         if rank is None:
             raise BadInputError(
                 f"{quoted(source)}: cannot tell from a state dict which OnlineNorm replaced {type(norm).__name__} '{prefix}'; "
@@ -184,21 +201,27 @@ def restore_layout(module: nn.Module, layout: Layout, source: Path | str) -> nn.
         try:
             replacements[id(norm)] = ONLINE_NORMS[entry["rank"]](**entry["config"])
         except (KeyError, TypeError, ValueError) as err:
-            raise BadInputError(f"{quoted(source)}: onorm checkpoint field 'layers' is malformed at '{name}' ({err}); the file is damaged") from err
+            raise BadInputError(
+                f"{quoted(source)}: onorm checkpoint field 'layers' is malformed at '{name}' ({err}); the file is damaged"
+            ) from err
     return swap_modules(module, replacements)
 
 
 def recorded_options(conversion: Mapping[str, Any], source: Path | str) -> ConvertOptions:
     """The layer options in a checkpoint's ``conversion`` record (defaults for what it lacks); BadInputError naming a bad one."""
     try:
-        return ConvertOptions(**{option.name: conversion[option.name] for option in fields(ConvertOptions) if option.name in conversion})
+        return ConvertOptions(
+            **{option.name: conversion[option.name] for option in fields(ConvertOptions) if option.name in conversion}
+        )
     except OptionError as err:
         raise BadInputError(
             f"{quoted(source)}: onorm checkpoint field 'conversion' is malformed: it holds {err.option}={err.value!r}, which {err.requirement}; "
             "the file is damaged, convert the model again"
         ) from err
     except (TypeError, ValueError) as err:  # a recorded option of the wrong type
-        raise BadInputError(f"{quoted(source)}: onorm checkpoint field 'conversion' is malformed ({err}); the file is damaged, convert the model again") from err
+        raise BadInputError(
+            f"{quoted(source)}: onorm checkpoint field 'conversion' is malformed ({err}); the file is damaged, convert the model again"
+        ) from err
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -228,7 +251,9 @@ def validate_checkpoint(obj: Mapping[str, Any], source: Path) -> dict[str, Any]:
     }
     for field, valid in optional.items():
         if not valid(obj.get(field)):
-            raise BadInputError(f"{quoted(source)}: onorm checkpoint field {field!r} is malformed; the file is damaged, convert the model again")
+            raise BadInputError(
+                f"{quoted(source)}: onorm checkpoint field {field!r} is malformed; the file is damaged, convert the model again"
+            )
     for field, kind in expected.items():
         malformed = (
             not isinstance(obj.get(field), kind)
@@ -259,7 +284,10 @@ def _json_like(value: Any, depth: int = 0) -> bool:
 
 def _is_conversion(conversion: Mapping[str, Any]) -> bool:
     """Known keys only; globs as lists of str, frozen_bn a bool (the layer options are checked by ConvertOptions)."""
-    globs_ok = all(isinstance(conversion.get(k, []), list) and all(isinstance(g, str) for g in conversion.get(k, [])) for k in ("include", "exclude"))
+    globs_ok = all(
+        isinstance(conversion.get(k, []), list) and all(isinstance(g, str) for g in conversion.get(k, []))
+        for k in ("include", "exclude")
+    )
     return set(conversion) <= CONVERSION_OPTIONS and globs_ok and isinstance(conversion.get("frozen_bn", False), bool)
 
 

@@ -25,7 +25,11 @@ from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, Onli
 from .options import ConvertOptions
 from .shared import check_model_values, eval_mode, non_finite_state, swap_modules
 
-BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
+    1: nn.BatchNorm1d,
+    2: nn.BatchNorm2d,
+    3: nn.BatchNorm3d,
+}
 _BN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -135,13 +139,17 @@ def convert_with_report(
     _refuse_lazy(model)  # before copying: uninitialized parameters cannot be deep-copied
     if not inplace:
         model = copy.deepcopy(model)
-    changes = plan_conversion(model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes)
+    changes = plan_conversion(
+        model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes
+    )
     check_model_values(model, "converting")
     replacements = {}
     for change in changes:
         if change.new_type is None:
             if not isinstance(change.module, OnlineNormBase):
-                warnings.warn(f"'{change.name}' ({change.old_type}) left as is: {change.note}", ConversionWarning, stacklevel=2)
+                warnings.warn(
+                    f"'{change.name}' ({change.old_type}) left as is: {change.note}", ConversionWarning, stacklevel=2
+                )
             continue
         converter = find_converter(change.module)
         online = converter.to_online(change.module, ONLINE_NORMS[change.dim], options)
@@ -156,7 +164,9 @@ def convert_with_report(
                 stacklevel=2,
             )
     if not replacements:
-        warnings.warn("the model has no BatchNorm layer to convert; it is returned unchanged", ConversionWarning, stacklevel=2)
+        warnings.warn(
+            "the model has no BatchNorm layer to convert; it is returned unchanged", ConversionWarning, stacklevel=2
+        )
     return swap_modules(model, replacements), changes
 
 
@@ -177,7 +187,9 @@ def plan_conversion(
     for module in candidates:
         first, *aliases = names[module]
         converter = find_converter(module)
-        change = LayerChange(first, type(module).__name__, None, _channels(module), _stats_source(module), aliases=aliases, module=module)
+        change = LayerChange(
+            first, type(module).__name__, None, _channels(module), _stats_source(module), aliases=aliases, module=module
+        )
         change.note = _reason_to_skip(module, converter, names[module], include, exclude, frozen_bn)
         if not change.note:
             change.dim, change.note = _dimension(model, module, converter, observed)
@@ -224,7 +236,9 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 @register_converter(nn.BatchNorm2d, dim=2)
 @register_converter(nn.BatchNorm3d, dim=3)
 @register_converter(nn.SyncBatchNorm, dim=None)
-def online_from_batchnorm(bn: nn.modules.batchnorm._NormBase, online_cls: type[OnlineNormBase], options: ConvertOptions) -> OnlineNormBase:
+def online_from_batchnorm(
+    bn: nn.modules.batchnorm._NormBase, online_cls: type[OnlineNormBase], options: ConvertOptions
+) -> OnlineNormBase:
     """An OnlineNorm equal to ``bn`` in eval mode: its weight/bias parameters, running statistics and eps."""
     online = _new_online(bn, online_cls, options, affine=bn.affine)
     if bn.affine:
@@ -235,7 +249,9 @@ def online_from_batchnorm(bn: nn.modules.batchnorm._NormBase, online_cls: type[O
 
 
 @register_converter("FrozenBatchNorm2d", dim=2, on_request=True)
-def online_from_frozen_batchnorm(bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions) -> OnlineNormBase:
+def online_from_frozen_batchnorm(
+    bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions
+) -> OnlineNormBase:
     """An OnlineNorm equal to torchvision's FrozenBatchNorm2d in eval; its buffers become trainable parameters."""
     online = _new_online(bn, online_cls, options, affine=True)
     online.weight = nn.Parameter(bn.weight.detach().clone())
@@ -244,9 +260,13 @@ def online_from_frozen_batchnorm(bn: nn.Module, online_cls: type[OnlineNormBase]
     return online
 
 
-def _new_online(bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions, affine: bool) -> OnlineNormBase:
+def _new_online(
+    bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions, affine: bool
+) -> OnlineNormBase:
     reference = bn.weight if affine and bn.weight is not None else bn.running_mean
-    factory = {"device": None, "dtype": None} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    factory = (
+        {"device": None, "dtype": None} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    )
     return online_cls(
         _channels(bn), alpha_fwd=options.alpha_fwd, alpha_bkw=options.alpha_bkw, eps=float(bn.eps), affine=affine,
         ecm=options.ecm, clamp_value=options.clamp_value, control=options.control, clamp_mode=options.clamp_mode,
@@ -263,7 +283,9 @@ def _copy_stats(online: OnlineNormBase, mean: Tensor, var: Tensor) -> None:
 def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
     dim = next(d for d, cls in ONLINE_NORMS.items() if isinstance(online, cls))
     reference = online.weight if online.affine else online.running_mean
-    bn = BATCH_NORMS[dim](online.num_features, eps=online.eps, affine=online.affine, device=reference.device, dtype=reference.dtype)
+    bn = BATCH_NORMS[dim](
+        online.num_features, eps=online.eps, affine=online.affine, device=reference.device, dtype=reference.dtype
+    )
     if online.affine:
         bn.weight, bn.bias = online.weight, online.bias
     with torch.no_grad():
@@ -277,7 +299,11 @@ def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
 
 def _refuse_lazy(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if _is_normalization(module) and isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        if (
+            _is_normalization(module)
+            and isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()
+        ):
             raise BadInputError(
                 f"'{name or '<model>'}' is an uninitialized lazy BatchNorm; run one forward pass (or load trained weights) before converting"
             )
@@ -348,10 +374,14 @@ def _extra_behaviour(module: nn.Module) -> str:
 
 def _check_finite_stats(module: nn.Module, name: str) -> None:
     if (stat := non_finite_state(module)) is not None:
-        raise BadInputError(f"'{name}': its {stat} contains NaN or Inf; the model is damaged, retrain or fix it before converting")
+        raise BadInputError(
+            f"'{name}': its {stat} contains NaN or Inf; the model is damaged, retrain or fix it before converting"
+        )
 
 
-def _dimension(model: nn.Module, module: nn.Module, converter: Converter, observed: dict[nn.Module, int]) -> tuple[int, str]:
+def _dimension(
+    model: nn.Module, module: nn.Module, converter: Converter, observed: dict[nn.Module, int]
+) -> tuple[int, str]:
     """The spatial rank to convert ``module`` for, and a note on how it was chosen when not fixed by its type."""
     if converter.dim is not None:
         return converter.dim, ""
@@ -384,7 +414,9 @@ def _neighbour_rank(model: nn.Module, module: nn.Module) -> tuple[int, str] | No
     return None
 
 
-def _observed_ranks(model: nn.Module, candidates: list[nn.Module], example_shapes: Sequence[Sequence[int]] | None) -> dict[nn.Module, int]:
+def _observed_ranks(
+    model: nn.Module, candidates: list[nn.Module], example_shapes: Sequence[Sequence[int]] | None
+) -> dict[nn.Module, int]:
     """Spatial rank of the input each dimension-less candidate sees on random example inputs ({} if none needed or given)."""
     unknown = [m for m in candidates if (c := find_converter(m)) is not None and c.dim is None]
     if not unknown or not example_shapes:
@@ -402,5 +434,3 @@ def _observed_ranks(model: nn.Module, candidates: list[nn.Module], example_shape
         for handle in handles:
             handle.remove()
     return {m: max(rank, 1) for m, rank in ranks.items() if rank <= 3}
-
-

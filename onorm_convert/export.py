@@ -96,7 +96,9 @@ class ExportMismatchError(VerificationError):
 def check_opset(opset: int | None) -> None:
     """Refuse an opset the exporter cannot target."""
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
-        raise BadInputError(f"--opset {opset}: out of range; choose {MIN_OPSET} to {MAX_OPSET} (or leave it out for the default)")
+        raise BadInputError(
+            f"--opset {opset}: out of range; choose {MIN_OPSET} to {MAX_OPSET} (or leave it out for the default)"
+        )
 
 
 def failed_path(destination: Path) -> Path:
@@ -148,11 +150,18 @@ def to_onnx_proto(model: nn.Module, example_inputs: Sequence[Tensor], *, opset: 
     try:
         with _quiet_exporter():
             return torch.onnx.export(
-                model, tuple(example_inputs), dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False
+                model,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
             )
     except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
         hint = "; if the model fixes its batch size, retry with --static-batch" if dynamic_batch else ""
-        raise BadInputError(f"torch.onnx.export failed: {first_line(err)}{hint} (rerun with --debug for details)") from err
+        raise BadInputError(
+            f"torch.onnx.export failed: {first_line(err)}{hint} (rerun with --debug for details)"
+        ) from err
 
 
 def _reference(model: nn.Module, strip_clamp: bool) -> nn.Module:
@@ -214,7 +223,22 @@ def export_onnx(
         The :class:`ExportReport`. Raises :class:`ExportMismatchError` (exit 1) on a mismatch
         and :class:`~onorm_convert.errors.BadInputError` (exit 2) for unusable inputs.
     """
-    return _export(ONNX, model, Path(path), example_inputs, strip_clamp, opset, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, replace, progress)
+    return _export(
+        ONNX,
+        model,
+        Path(path),
+        example_inputs,
+        strip_clamp,
+        opset,
+        dynamic_batch,
+        verify,
+        atol,
+        rtol,
+        real_inputs,
+        keep_failed,
+        replace,
+        progress,
+    )
 
 
 def export_torch(
@@ -237,7 +261,22 @@ def export_torch(
     It loads with ``torch.export.load`` (no unpickling) for runtimes other than ONNX;
     verification runs the reloaded program against the PyTorch model.
     """
-    return _export(TORCH, model, Path(path), example_inputs, strip_clamp, None, dynamic_batch, verify, atol, rtol, real_inputs, keep_failed, replace, progress)
+    return _export(
+        TORCH,
+        model,
+        Path(path),
+        example_inputs,
+        strip_clamp,
+        None,
+        dynamic_batch,
+        verify,
+        atol,
+        rtol,
+        real_inputs,
+        keep_failed,
+        replace,
+        progress,
+    )
 
 
 def _export(
@@ -265,7 +304,9 @@ def _export(
     start = time.perf_counter()
     say("folding normalization layers")
     reference = _reference(model, strip_clamp)
-    check_returns_tensors(run_model(reference, example_inputs))  # fails early, naming the layer, when the model rejects the inputs
+    check_returns_tensors(
+        run_model(reference, example_inputs)
+    )  # fails early, naming the layer, when the model rejects the inputs
     folded, fold_report = fold_with_report(model, strip_clamp=strip_clamp, example_inputs=example_inputs)
     check_model_values(model, "exporting")  # what verification cannot see: --no-verify would publish it
     seconds["fold"] = time.perf_counter() - start
@@ -298,7 +339,9 @@ def _export(
                 report.verification = verify_outputs(reference, run, runtime, batches, atol=atol, rtol=rtol)
             seconds["verify"] = time.perf_counter() - start
         else:
-            report.warnings.append("verification skipped (--no-verify): the exported model was not compared with PyTorch")
+            report.warnings.append(
+                "verification skipped (--no-verify): the exported model was not compared with PyTorch"
+            )
 
         if strip_clamp and real_inputs is not None:
             say("auditing the stripped clamps on the real inputs")
@@ -310,10 +353,11 @@ def _export(
 
 def _clamp_warning(audit: ClampAuditReport) -> str:
     cut = [a for a in audit.layers if a.clipped]
-    layers = ", ".join(f"{a.layer} {a.fraction:.3%}" for a in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
-    return (
-        f"stripping the clamp changes outputs on the real inputs by up to {audit.max_output_change:.3g}"
-        + (f"; activations the clamp would cut: {layers}" if cut else "")
+    layers = ", ".join(f"{a.layer} {a.fraction:.3%}" for a in cut[:5]) + (
+        f" and {len(cut) - 5} more" if len(cut) > 5 else ""
+    )
+    return f"stripping the clamp changes outputs on the real inputs by up to {audit.max_output_change:.3g}" + (
+        f"; activations the clamp would cut: {layers}" if cut else ""
     )
 
 

@@ -54,7 +54,9 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> Path:
         if same_file or output.resolve() == path.resolve():
             raise BadInputError(f"{shown}: the output may not be the input file; choose another path with -o")
     if output.is_symlink():  # writing through it would create or replace a file in another folder
-        raise BadInputError(f"{shown}: is a symbolic link (to {quoted(os.readlink(output))}); give the real path with -o, or remove the link")
+        raise BadInputError(
+            f"{shown}: is a symbolic link (to {quoted(os.readlink(output))}); give the real path with -o, or remove the link"
+        )
     if output.is_dir():
         raise BadInputError(f"{shown}: is a directory; give a file path with -o")
     folder = output.resolve().parent
@@ -63,7 +65,9 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> Path:
     if not os.access(folder, os.W_OK):
         raise BadInputError(f"{shown}: output folder {quoted(folder)} is not writable; choose another -o")
     if output.exists() and not output.is_file():
-        raise BadInputError(f"{shown}: is not a regular file (a device, FIFO or socket); onorm replaces only regular files: choose another -o")
+        raise BadInputError(
+            f"{shown}: is not a regular file (a device, FIFO or socket); onorm replaces only regular files: choose another -o"
+        )
     if output.exists() and not force:
         raise BadInputError(f"{shown}: already exists; pass --force to replace it")
     return output.resolve()
@@ -146,7 +150,9 @@ def publish(staged: Path, destination: Path, *, replace: bool = True) -> None:
             raise RUN.stop
         now = os.lstat(staged)
         if (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino) or not stat.S_ISREG(now.st_mode):
-            raise BadInputError(f"{quoted(staged)}: the temp file was replaced while onorm wrote it; nothing was published")
+            raise BadInputError(
+                f"{quoted(staged)}: the temp file was replaced while onorm wrote it; nothing was published"
+            )
         if replace:
             os.replace(staged, destination)
         else:
@@ -175,7 +181,9 @@ def _move_exclusively(staged: Path, destination: Path) -> None:
             raise
         # A file system without hard links: the check and the rename are two steps here.
         if os.path.lexists(destination):
-            raise BadInputError(f"{quoted(destination)}: already exists; pass --force to replace it. Nothing was written") from err
+            raise BadInputError(
+                f"{quoted(destination)}: already exists; pass --force to replace it. Nothing was written"
+            ) from err
         os.replace(staged, destination)
         return
     os.unlink(staged)

@@ -166,7 +166,9 @@ def fold_into_producer(producer: nn.Module, scale: Tensor, shift: Tensor) -> Non
     """Replace ``producer``'s weight and bias (in place) by their folds with ``(scale, shift)``."""
     transposed = isinstance(producer, _ConvNd) and producer.transposed
     groups = producer.groups if isinstance(producer, _ConvNd) else 1
-    weight, bias = fold_affine_weights(producer.weight, producer.bias, scale, shift, transposed=transposed, groups=groups)
+    weight, bias = fold_affine_weights(
+        producer.weight, producer.bias, scale, shift, transposed=transposed, groups=groups
+    )
     producer.weight = nn.Parameter(weight, requires_grad=producer.weight.requires_grad)
     producer.bias = nn.Parameter(bias, requires_grad=producer.weight.requires_grad)
 
@@ -240,7 +242,10 @@ def _producer_or_reason(
         return None, f"its input is not the output of a Conv/ConvTranspose/Linear module (it comes from {what})"
     producer = modules[src.target]
     if not isinstance(producer, PRODUCER_TYPES):
-        return None, f"its input comes from '{src.target}' ({type(producer).__name__}), which cannot absorb an affine map"
+        return (
+            None,
+            f"its input comes from '{src.target}' ({type(producer).__name__}), which cannot absorb an affine map",
+        )
     others = [user.name for user in src.users if user is not node]
     if others:
         return None, f"the output of '{src.target}' also feeds {', '.join(others)}"
@@ -251,7 +256,10 @@ def _producer_or_reason(
     if id(producer.weight) in shared:
         return None, f"the weight of '{src.target}' is shared with another layer"
     if isinstance(producer, nn.Linear) and ranks.get(src.target, 2) != 2:
-        return None, f"'{src.target}' outputs rank {ranks[src.target]}: its feature axis is not the layer's channel axis"
+        return (
+            None,
+            f"'{src.target}' outputs rank {ranks[src.target]}: its feature axis is not the layer's channel axis",
+        )
     return src, ""
 
 

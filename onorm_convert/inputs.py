@@ -36,7 +36,9 @@ def check_input_size(shape: Sequence[int], source: str) -> None:
     """Refuse an example input of ``shape`` that torch cannot index or this machine cannot hold (float32)."""
     numel = math.prod(shape)
     if numel > _MAX_NUMEL:
-        raise BadInputError(f"{source}: {numel:.3g} values per input, more than torch can index (2**63 - 1); pass a smaller --input-shape")
+        raise BadInputError(
+            f"{source}: {numel:.3g} values per input, more than torch can index (2**63 - 1); pass a smaller --input-shape"
+        )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 4 * numel > memory:
         raise BadInputError(
@@ -61,7 +63,9 @@ def random_inputs(shapes: Sequence[Sequence[int]], *, batch: int | None = None, 
         try:
             out.append(torch.randn(shape, generator=generator))
         except (MemoryError, RuntimeError) as err:  # randn of a valid shape fails only for want of memory
-            raise BadInputError(f"{source}: cannot be allocated ({first_line(err)}); pass a smaller --input-shape") from err
+            raise BadInputError(
+                f"{source}: cannot be allocated ({first_line(err)}); pass a smaller --input-shape"
+            ) from err
     return out
 
 
@@ -111,7 +115,9 @@ def load_input_file(path: Path) -> list[Tensor]:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable or unsafe content is bad input
         detail = first_line(err)
-        raise BadInputError(f"{source}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict") from err
+        raise BadInputError(
+            f"{source}: cannot read it ({detail}); give a .npy, .npz or a torch.save'd tensor/dict"
+        ) from err
     return [_float_tensor(array, f"{source}: input {index}") for index, array in enumerate(arrays)]
 
 
@@ -127,7 +133,9 @@ def _arrays_in(loaded: Any, suffix: str, source: str) -> list[Any]:
         members = [(name, loaded[name]) for name in loaded.files]
     for name, member in members:
         if not isinstance(member, np.ndarray):
-            raise BadInputError(f"{source}: member {name!r} is not a .npy array; keep only arrays in the archive (np.savez)")
+            raise BadInputError(
+                f"{source}: member {name!r} is not a .npy array; keep only arrays in the archive (np.savez)"
+            )
     return [member for _, member in members]
 
 
@@ -153,14 +161,18 @@ def _float_tensor(value: np.ndarray | Tensor, where: str) -> Tensor:
     if isinstance(value, np.ndarray):
         native = value.dtype.newbyteorder("=")
         if native not in _NUMPY_FLOATS:
-            raise BadInputError(f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32")
+            raise BadInputError(
+                f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32"
+            )
         return torch.from_numpy(value.astype(native, copy=False))
     if value.layout != torch.strided:
         raise BadInputError(f"{where} is a {value.layout} tensor; save a dense one (tensor.to_dense())")
     if value.is_meta:
         raise BadInputError(f"{where} is a meta tensor, which holds no values; save the tensor with its data")
     if value.is_quantized or not value.is_floating_point():
-        raise BadInputError(f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32")
+        raise BadInputError(
+            f"{where} has dtype {value.dtype}; onorm verifies on floating-point inputs: save them as float32"
+        )
     return value
 
 
@@ -174,12 +186,16 @@ def fit_inputs(
     (NaN/Inf) does not fit.
     """
     if len(tensors) != len(shapes):
-        raise BadInputError(f"{source}: holds {len(tensors)} arrays but the model takes {len(shapes)} inputs; give one array per input")
+        raise BadInputError(
+            f"{source}: holds {len(tensors)} arrays but the model takes {len(shapes)} inputs; give one array per input"
+        )
     fitted = []
     for index, (tensor, shape) in enumerate(zip(tensors, shapes)):
         expected = "(N, " + ", ".join(map(str, shape[1:])) + ")" if len(shape) > 1 else "(N,)"
         if tensor.ndim != len(shape) or tuple(tensor.shape[1:]) != tuple(shape[1:]) or tensor.shape[0] == 0:
-            raise BadInputError(f"{source}: input {index} has shape {tuple(tensor.shape)}, expected {expected}; save arrays of that shape")
+            raise BadInputError(
+                f"{source}: input {index} has shape {tuple(tensor.shape)}, expected {expected}; save arrays of that shape"
+            )
         if static_batch and tensor.shape[0] != shape[0]:
             raise BadInputError(
                 f"{source}: input {index} has batch {tensor.shape[0]} but --static-batch fixes it to {shape[0]}; "

@@ -45,7 +45,9 @@ PICKLED_MODULE, STATE_DICT, ONORM_CHECKPOINT = "pickled_module", "state_dict", "
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where training checkpoints usually keep one
 _ZIP_MAGIC = b"PK\x03\x04"
 _SHOWN_NAMES = 5  # names listed in an error before "and N more"
-_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
 
 
 class LoadWarning(UserWarning):
@@ -155,14 +157,20 @@ def build_arch(arch: str, arch_kwargs: Mapping[str, Any], origin: CodeOrigin = C
     try:
         module = factory(**arch_kwargs)
     except Exception as err:  # noqa: BLE001 - the factory is user code
-        raise BadInputError(f"{where}: {_call_failure(origin, arch_kwargs)} ({type(err).__name__}: {first_line(err)}); {_call_fix(origin)}") from err
+        raise BadInputError(
+            f"{where}: {_call_failure(origin, arch_kwargs)} ({type(err).__name__}: {first_line(err)}); {_call_fix(origin)}"
+        ) from err
     if not isinstance(module, nn.Module):
         raise BadInputError(f"{where}: returned a {type(module).__name__}, not a torch.nn.Module; name a model factory")
     return module
 
 
 def _call_failure(origin: CodeOrigin, arch_kwargs: Mapping[str, Any]) -> str:
-    return f"calling it with {origin.kwargs} {_shown(dict(arch_kwargs))} failed" if origin.kwargs else "calling it without arguments failed"
+    return (
+        f"calling it with {origin.kwargs} {_shown(dict(arch_kwargs))} failed"
+        if origin.kwargs
+        else "calling it without arguments failed"
+    )
 
 
 def _call_fix(origin: CodeOrigin) -> str:
@@ -173,7 +181,9 @@ def _call_fix(origin: CodeOrigin) -> str:
     return "pass --arch-kwargs if it needs arguments"
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], source: Path | str, origin: CodeOrigin = CodeOrigin()) -> None:
+def load_state_dict_checked(
+    module: nn.Module, state_dict: Mapping[str, Any], source: Path | str, origin: CodeOrigin = CodeOrigin()
+) -> None:
     """Load ``state_dict`` into ``module`` exactly; BadInputError naming missing, unexpected or misshaped keys.
 
     A state dict saved from ``nn.DataParallel`` (every key prefixed ``module.``) is accepted.
@@ -183,7 +193,9 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     state_dict = _strip_data_parallel_prefix(module, state_dict)
     complex_values = [name for name, value in state_dict.items() if isinstance(value, Tensor) and value.is_complex()]
     if complex_values:  # load_state_dict would silently keep only their real parts
-        raise BadInputError(f"{source}: {_names(complex_values)} {'holds' if len(complex_values) == 1 else 'hold'} complex numbers, which BatchNorm models cannot use; save real weights")
+        raise BadInputError(
+            f"{source}: {_names(complex_values)} {'holds' if len(complex_values) == 1 else 'hold'} complex numbers, which BatchNorm models cannot use; save real weights"
+        )
     expected = module.state_dict().keys()
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
     missing = [name for name in expected if name not in state_dict and not name.endswith("num_batches_tracked")]
@@ -198,7 +210,9 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
     except RuntimeError as err:  # torch reports shape mismatches as one line per tensor
         mismatches = _SIZE_MISMATCH.findall(str(err))
         if not mismatches:
-            raise BadInputError(f"{source}: the weights cannot be loaded into the model built by {origin.arch} ({first_line(err)}); {origin.mismatch_fix}") from err
+            raise BadInputError(
+                f"{source}: the weights cannot be loaded into the model built by {origin.arch} ({first_line(err)}); {origin.mismatch_fix}"
+            ) from err
         name, in_file, in_model = mismatches[0]
         raise BadInputError(
             f"{source}: the weights do not fit the model built by {origin.arch}: shapes differ for {_names([m[0] for m in mismatches])} "
@@ -212,7 +226,9 @@ def _check_readable(path: Path) -> None:
     if path.is_dir():
         raise BadInputError(f"{path}: is a directory; pass the model file inside it")
     if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read, a device never end
-        raise BadInputError(f"{path}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save")
+        raise BadInputError(
+            f"{path}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save"
+        )
     if not os.access(path, os.R_OK):
         raise BadInputError(f"{path}: not readable; check its permissions")
     if path.stat().st_size == 0:
@@ -242,7 +258,9 @@ def _refuse_foreign_formats(path: Path) -> None:
             raise BadInputError(f"{path}: a zip file but not a PyTorch checkpoint; pass a model saved with torch.save")
         return
     if _is_onnx(path, head):
-        raise BadInputError(f"{path}: is an ONNX model; onorm convert takes a PyTorch model (.pt saved with torch.save)")
+        raise BadInputError(
+            f"{path}: is an ONNX model; onorm convert takes a PyTorch model (.pt saved with torch.save)"
+        )
     if head[:1] == b"\x80":  # a pickle protocol opcode: the legacy (non-zip) torch.save format
         return
     if _is_text(head):
@@ -251,7 +269,9 @@ def _refuse_foreign_formats(path: Path) -> None:
 
 
 def _is_onnx(path: Path, head: bytes) -> bool:
-    if path.suffix.lower() != ".onnx" and head[:1] != b"\x08":  # 0x08: protobuf field 1 (ir_version), how ONNX files start
+    if (
+        path.suffix.lower() != ".onnx" and head[:1] != b"\x08"
+    ):  # 0x08: protobuf field 1 (ir_version), how ONNX files start
         return False
     import onnx
 
@@ -288,7 +308,9 @@ def _open_regular(path: Path) -> Iterator[Any]:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadInputError(f"{quoted(path)}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save")
+            raise BadInputError(
+                f"{quoted(path)}: is not a regular file (a pipe, socket or device); pass a model file saved with torch.save"
+            )
         yield handle
 
 
@@ -297,7 +319,9 @@ def _load_handle(handle: Any, path: Path, trust: bool) -> Any:
         return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
-            raise BadInputError(f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted") from err
+            raise BadInputError(
+                f"{path}: cannot be read ({first_line(err)}); the file is truncated or corrupted"
+            ) from err
         if not trust:
             raise BadInputError(
                 f"{path}: contains pickled Python objects{_unsafe_globals(path)}; loading them runs code from the file. "
@@ -331,11 +355,15 @@ def _select(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, Any] | 
     """The module or state dict inside a loaded file, and the key it was under (None: the top level)."""
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
-            available = _names(list(obj)) if isinstance(obj, Mapping) else f"none (the file holds a {type(obj).__name__})"
+            available = (
+                _names(list(obj)) if isinstance(obj, Mapping) else f"none (the file holds a {type(obj).__name__})"
+            )
             raise BadInputError(f"{path}: --key {key!r} is not in the file; available keys: {available}")
         found = obj[key]
         if not (isinstance(found, nn.Module) or _is_state_dict(found)):
-            raise BadInputError(f"{path}: --key {key!r} holds a {type(found).__name__}, not a state dict or module; pick another --key")
+            raise BadInputError(
+                f"{path}: --key {key!r} holds a {type(found).__name__}, not a state dict or module; pick another --key"
+            )
         return found, key
     if isinstance(obj, nn.Module) or _is_state_dict(obj):
         return obj, None
@@ -343,14 +371,22 @@ def _select(obj: Any, key: str | None, path: Path) -> tuple[Mapping[str, Any] | 
         for candidate in STATE_DICT_KEYS:
             if candidate in obj and (isinstance(obj[candidate], nn.Module) or _is_state_dict(obj[candidate])):
                 return obj[candidate], candidate
-        not_tensors = [name for name, value in obj.items() if not isinstance(value, (Tensor, Mapping, nn.Module)) and value is not None]
+        not_tensors = [
+            name
+            for name, value in obj.items()
+            if not isinstance(value, (Tensor, Mapping, nn.Module)) and value is not None
+        ]
         if any(isinstance(value, Tensor) for value in obj.values()) and not_tensors:
             raise BadInputError(
                 f"{path}: looks like a state dict, but {_names(not_tensors)} {'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'} "
                 f"(e.g. a {type(obj[not_tensors[0]]).__name__}); save only model.state_dict(), or pass --key NAME"
             )
-        raise BadInputError(f"{path}: no state dict found among the keys {_names(list(obj))}; pass --key NAME to pick it")
-    raise BadInputError(f"{path}: holds a {type(obj).__name__}, not a model or state dict; pass a model saved with torch.save")
+        raise BadInputError(
+            f"{path}: no state dict found among the keys {_names(list(obj))}; pass --key NAME to pick it"
+        )
+    raise BadInputError(
+        f"{path}: holds a {type(obj).__name__}, not a model or state dict; pass a model saved with torch.save"
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -367,7 +403,7 @@ def _strip_data_parallel_prefix(module: nn.Module, state_dict: Mapping[str, Any]
     prefix = "module."
     expected = module.state_dict().keys()
     if all(name.startswith(prefix) for name in state_dict) and not all(name.startswith(prefix) for name in expected):
-        return {name[len(prefix):]: value for name, value in state_dict.items()}
+        return {name[len(prefix) :]: value for name, value in state_dict.items()}
     return state_dict
 
 
@@ -381,7 +417,9 @@ def _warn_defaults_used(path: Path, layers: int) -> None:
     )
 
 
-def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None, trust: bool) -> LoadedModel:
+def _rebuild_checkpoint(
+    ckpt: dict[str, Any], path: Path, arch: str | None, arch_kwargs: dict | None, trust: bool
+) -> LoadedModel:
     """arch(**arch_kwargs) with the recorded OnlineNorm layout and the recorded state dict loaded.
 
     The recorded arch is imported only with consent (see :func:`_recorded_code_consent`).
@@ -392,14 +430,18 @@ def _rebuild_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, arch
     kwargs = dict(ckpt["arch_kwargs"]) if arch_kwargs is None else dict(arch_kwargs)
     shapes = [tuple(int(d) for d in shape) for shape in ckpt["input_shapes"]]
     module = build_arch(arch, kwargs, origin)
-    layout = ckpt.get("layers") or inferred_layout(module, ckpt["state_dict"], recorded_options(ckpt["conversion"], path), path)
+    layout = ckpt.get("layers") or inferred_layout(
+        module, ckpt["state_dict"], recorded_options(ckpt["conversion"], path), path
+    )
     module = restore_layout(module, layout, path)
     load_state_dict_checked(module, ckpt["state_dict"], path, origin)
     info = {"tool_version": ckpt.get("tool_version"), "conversion": dict(ckpt["conversion"]), "code_consent": consent}
     return LoadedModel(module, ONORM_CHECKPOINT, arch, kwargs, shapes, info)
 
 
-def _recorded_code_consent(ckpt: Mapping[str, Any], path: Path, arch_given: bool, kwargs_given: bool, trust: bool) -> str:
+def _recorded_code_consent(
+    ckpt: Mapping[str, Any], path: Path, arch_given: bool, kwargs_given: bool, trust: bool
+) -> str:
     """How the user consented to the code the checkpoint names: "signature", "--arch" or "--trust"; else BadInputError.
 
     Checked before anything is imported: importing a module the file names already runs
@@ -407,7 +449,9 @@ def _recorded_code_consent(ckpt: Mapping[str, Any], path: Path, arch_given: bool
     called with are the file's unless ``--arch-kwargs`` is given, and some factories load
     files or code that their arguments name: so those need consent too.
     """
-    signed, why_not = signed_by_this_user(ckpt["arch"], ckpt["arch_kwargs"], ckpt.get("arch_location"), ckpt.get("signature"))
+    signed, why_not = signed_by_this_user(
+        ckpt["arch"], ckpt["arch_kwargs"], ckpt.get("arch_location"), ckpt.get("signature")
+    )
     if signed:
         return "signature"
     if trust:
@@ -439,7 +483,11 @@ def _checkpoint_origin(path: Path, arch_given: bool, kwargs_given: bool, kwargs_
     kwargs = "--arch-kwargs" if kwargs_given else ("the checkpoint's arch_kwargs" if kwargs_recorded else None)
     if arch_given:
         return CodeOrigin(kwargs=kwargs)
-    return CodeOrigin(f"{quoted(path)}: the checkpoint's arch", kwargs, "the file is damaged or its model code changed since; convert the model again or pass --arch")
+    return CodeOrigin(
+        f"{quoted(path)}: the checkpoint's arch",
+        kwargs,
+        "the file is damaged or its model code changed since; convert the model again or pass --arch",
+    )
 
 
 def _names(names: list[str] | tuple[str, ...]) -> str:

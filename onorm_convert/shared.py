@@ -65,7 +65,9 @@ def check_model_values(model: nn.Module, before: str) -> None:
         if tensor.is_meta:
             continue
         if tensor.is_complex():
-            raise BadInputError(f"'{name}' is complex ({tensor.dtype}); onorm takes real-valued models only: make it real before {before}")
+            raise BadInputError(
+                f"'{name}' is complex ({tensor.dtype}); onorm takes real-valued models only: make it real before {before}"
+            )
         damage = "contains NaN or Inf" if tensor.is_floating_point() and not torch.isfinite(tensor).all() else ""
         if not damage and name.rpartition(".")[2] == "running_var" and (tensor < 0).any():
             damage = "is negative, which a variance cannot be"
@@ -122,7 +124,9 @@ def strip_clamps(model: nn.Module) -> nn.Module:
 def _turn_ecm_off(modules: Iterable[nn.Module], ecms: Iterable[str]) -> list[tuple[OnlineNormBase, str]]:
     """Set ``ecm="none"`` on every OnlineNorm under ``modules`` whose ECM is in ``ecms``; the layers changed, with their ECM."""
     ecms = set(ecms)
-    layers = {id(m): m for module in modules for m in module.modules() if isinstance(m, OnlineNormBase) and m.ecm in ecms}
+    layers = {
+        id(m): m for module in modules for m in module.modules() if isinstance(m, OnlineNormBase) and m.ecm in ecms
+    }
     changed = [(layer, layer.ecm) for layer in layers.values()]
     for layer, _ in changed:
         layer.ecm = NONE

@@ -75,7 +75,11 @@ def code_location(arch: str) -> str | None:
         return None
     if spec is None:
         return None
-    return spec.origin if spec.origin not in (None, "namespace") else os.pathsep.join(spec.submodule_search_locations or ())
+    return (
+        spec.origin
+        if spec.origin not in (None, "namespace")
+        else os.pathsep.join(spec.submodule_search_locations or ())
+    )
 
 
 def sign(arch: str, arch_kwargs: Mapping[str, Any], location: str | None) -> str:
@@ -106,7 +110,9 @@ def signed_by_this_user(arch: Any, arch_kwargs: Any, location: Any, signature: A
 def _mac(key: bytes, arch: Any, arch_kwargs: Any, location: Any) -> str:
     fields = {"arch": arch, "arch_kwargs": arch_kwargs, "location": location}
     if not _canonical(fields):
-        raise KeyUnavailable("its arch_kwargs have no canonical JSON form (tuples, keys that are not strings, or too deep)")
+        raise KeyUnavailable(
+            "its arch_kwargs have no canonical JSON form (tuples, keys that are not strings, or too deep)"
+        )
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hmac.new(key, _DOMAIN + text.encode("ascii"), hashlib.sha256).hexdigest()
 
@@ -146,15 +152,21 @@ def _key(*, create: bool) -> bytes:
 def _read_key(path: Path) -> bytes:
     """The key's bytes, refusing a link, another user's file, or one that others may read or write."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )  # a FIFO would block
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise KeyUnavailable(f"the signing key {path} cannot be read ({err.strerror or err}); it may be a symbolic link") from err
+        raise KeyUnavailable(
+            f"the signing key {path} cannot be read ({err.strerror or err}); it may be a symbolic link"
+        ) from err
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise KeyUnavailable(f"the signing key {path} is not a private file of yours (mode 0600); remove it to make a new one")
+            raise KeyUnavailable(
+                f"the signing key {path} is not a private file of yours (mode 0600); remove it to make a new one"
+            )
         key = handle.read()
     if len(key) != _KEY_BYTES:
         raise KeyUnavailable(f"the signing key {path} is damaged; remove it to make a new one")

@@ -90,14 +90,21 @@ class VerifyReport:
         return {"passed": self.passed, "runtime": self.runtime, "checks": [asdict(check) for check in self.checks]}
 
 
-def compare_arrays(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> tuple[float, float, bool, str]:
+def compare_arrays(
+    reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float
+) -> tuple[float, float, bool, str]:
     """Compare one output; returns ``(max_abs, max_rel, passed, problem)``.
 
     Passes when shapes are equal, both are finite everywhere and
     ``|candidate - reference| <= atol + rtol * |reference|`` element-wise.
     """
     if reference.shape != candidate.shape:
-        return float("inf"), float("inf"), False, f"shape {candidate.shape} differs from the PyTorch shape {reference.shape}"
+        return (
+            float("inf"),
+            float("inf"),
+            False,
+            f"shape {candidate.shape} differs from the PyTorch shape {reference.shape}",
+        )
     for who, values in (("PyTorch", reference), ("exported", candidate)):
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             count = int((~np.isfinite(values)).sum())
@@ -112,11 +119,26 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray, atol: float, rt
     return max_abs, max_rel, within, "" if within else f"outside atol={atol:g} + rtol={rtol:g} * |reference|"
 
 
-def compare_outputs(batch: str, reference: Outputs, candidate: Sequence[np.ndarray], atol: Tolerance, rtol: Tolerance) -> list[OutputCheck]:
+def compare_outputs(
+    batch: str, reference: Outputs, candidate: Sequence[np.ndarray], atol: Tolerance, rtol: Tolerance
+) -> list[OutputCheck]:
     """One :class:`OutputCheck` per output of ``reference`` (a count mismatch fails every check)."""
     if len(candidate) != len(reference):
         problem = f"the exported model has {len(candidate)} outputs, PyTorch {len(reference)}"
-        return [OutputCheck(batch, label, tuple(ref.shape), float("inf"), float("inf"), tolerance_for(label, atol), tolerance_for(label, rtol), False, problem) for label, ref in reference]
+        return [
+            OutputCheck(
+                batch,
+                label,
+                tuple(ref.shape),
+                float("inf"),
+                float("inf"),
+                tolerance_for(label, atol),
+                tolerance_for(label, rtol),
+                False,
+                problem,
+            )
+            for label, ref in reference
+        ]
     checks = []
     for (label, ref), cand in zip(reference, candidate):
         a, r = tolerance_for(label, atol), tolerance_for(label, rtol)
@@ -126,7 +148,11 @@ def compare_outputs(batch: str, reference: Outputs, candidate: Sequence[np.ndarr
 
 
 def verification_batches(
-    shapes: Sequence[Sequence[int]], *, dynamic_batch: bool = True, real_inputs: Sequence[Tensor] | None = None, seed: int = 0
+    shapes: Sequence[Sequence[int]],
+    *,
+    dynamic_batch: bool = True,
+    real_inputs: Sequence[Tensor] | None = None,
+    seed: int = 0,
 ) -> list[tuple[str, list[Tensor]]]:
     """Labelled input sets: seeded random batches (1 and a larger one when the batch is dynamic), then real inputs."""
     declared = shapes[0][0] if shapes and shapes[0] else 1
@@ -174,7 +200,19 @@ def verify_outputs(
             actual = run_candidate(inputs)
         except Exception as err:  # noqa: BLE001 - the runtime rejecting the file is a failed verification
             detail = first_line(err)
-            report.checks.append(OutputCheck(label, "<all>", (), float("inf"), float("inf"), float("nan"), float("nan"), False, f"{runtime} failed: {detail}"))
+            report.checks.append(
+                OutputCheck(
+                    label,
+                    "<all>",
+                    (),
+                    float("inf"),
+                    float("inf"),
+                    float("nan"),
+                    float("nan"),
+                    False,
+                    f"{runtime} failed: {detail}",
+                )
+            )
             continue
         report.checks.extend(compare_outputs(label, expected, actual, atol, rtol))
     return report
@@ -219,7 +257,11 @@ class ClampAuditReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"clean": self.clean, "max_output_change": self.max_output_change, "layers": [asdict(a) for a in self.layers]}
+        return {
+            "clean": self.clean,
+            "max_output_change": self.max_output_change,
+            "layers": [asdict(a) for a in self.layers],
+        }
 
 
 def clamp_audit(model: nn.Module, inputs: Sequence[Tensor]) -> ClampAuditReport:
@@ -246,7 +288,10 @@ def clamp_audit(model: nn.Module, inputs: Sequence[Tensor]) -> ClampAuditReport:
         for handle in handles:
             handle.remove()
     without_clamp = flatten_outputs(run_model(strip_clamps(clamped), inputs))
-    change = max((float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) for (_, a), (_, b) in zip(with_clamp, without_clamp)), default=0.0)
+    change = max(
+        (float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) for (_, a), (_, b) in zip(with_clamp, without_clamp)),
+        default=0.0,
+    )
     return ClampAuditReport([audits.get(n, ClampAudit(n, m.clamp_bound, 0, 0, 0.0, 0.0)) for n, m in layers], change)
 
 
@@ -284,7 +329,10 @@ def check_conversion(original: nn.Module, converted: nn.Module, inputs: Sequence
             reference_off = _finite_outputs(run_model(original, inputs), "original (ECM off)")
             exact = _finite_outputs(run_model(converted, inputs), "converted (ECM off)")
     max_abs = max((_max_abs(a.double() - b.double()) for a, b in _paired(reference, as_converted)), default=0.0)
-    rel = max((_max_abs(a.double() - b.double()) / max(_max_abs(a), 1e-12) for a, b in _paired(reference_off, exact)), default=0.0)
+    rel = max(
+        (_max_abs(a.double() - b.double()) / max(_max_abs(a), 1e-12) for a, b in _paired(reference_off, exact)),
+        default=0.0,
+    )
     return ConversionCheck(max_abs, rel, rel <= EXACT_RTOL)
 
 
@@ -293,17 +341,59 @@ def _finite_outputs(output: Any, which: str) -> list[Tensor]:
     tensors = [tensor for _, tensor in labelled_tensors(output)]
     for index, tensor in enumerate(tensors):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise VerificationError(f"output {index} of the {which} model contains NaN or Inf on the example input; nothing to verify")
+            raise VerificationError(
+                f"output {index} of the {which} model contains NaN or Inf on the example input; nothing to verify"
+            )
     return tensors
 
 
 def _paired(reference: list[Tensor], other: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     if len(reference) != len(other) or any(a.shape != b.shape for a, b in zip(reference, other)):
         shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in other]
-        raise VerificationError(f"the converted model's outputs {shapes[1]} differ in structure from the original's {shapes[0]}")
+        raise VerificationError(
+            f"the converted model's outputs {shapes[1]} differ in structure from the original's {shapes[0]}"
+        )
     return list(zip(reference, other))
 
 
 def _max_abs(t: Tensor) -> float:
     """``max|t|``; 0 for an empty output (a detector that found nothing)."""
     return t.abs().max().item() if t.numel() else 0.0
+
+
+# --- predictions on real inputs: does the converted model still decide as the original did? -------
+
+
+@dataclass
+class AgreementReport:
+    """The converted model against its original on real inputs, in eval mode."""
+
+    samples: int  # inputs compared
+    logits: bool  # an output is (N, classes) with classes > 1: predictions are compared
+    agreement: (
+        float | None
+    )  # fraction of samples with the same top-1 prediction in every logits output (None: no logits)
+    changed: int  # samples whose top-1 prediction changed
+    max_abs_change: float  # the largest |converted - original| over every output
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def prediction_agreement(original: nn.Module, converted: nn.Module, inputs: Sequence[Tensor]) -> AgreementReport:
+    """Top-1 agreement and the largest output change of ``converted`` against ``original`` on ``inputs``."""
+    with eval_mode(original), eval_mode(converted):
+        reference = _finite_outputs(run_model(original, inputs), "original")
+        candidate = _finite_outputs(run_model(converted, inputs), "converted")
+    pairs = _paired(reference, candidate)
+    samples = int(inputs[0].shape[0]) if inputs else 0
+    same = torch.ones(samples, dtype=torch.bool)
+    logits = False
+    for a, b in pairs:
+        if a.ndim == 2 and a.shape[0] == samples and a.shape[1] > 1:
+            logits = True
+            same &= a.argmax(dim=1) == b.argmax(dim=1)
+    change = max((_max_abs(a.double() - b.double()) for a, b in pairs), default=0.0)
+    agreement = float(same.float().mean()) if logits and samples else None
+    return AgreementReport(samples, logits, agreement, int((~same).sum()) if logits else 0, change)

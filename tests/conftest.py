@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from onorm_convert.layers import STATE_BUFFERS, kernels, native
+
 from reference import ReferenceOnlineNorm
 
 

@@ -16,7 +16,9 @@ import torch
 class ReferenceOnlineNorm:
     """Per-sample ON state machine for one layer; all tensors per channel, shape (C,)."""
 
-    def __init__(self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps, control="exact"):
+    def __init__(
+        self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps, control="exact"
+    ):
         self.mu, self.var, self.u, self.v = mean.clone(), var.clone(), u.clone(), v.clone()
         self.weight, self.bias = weight, bias
         self.a_f, self.a_b, self.eps = alpha_fwd, alpha_bkw, eps

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_load import BAD_INPUTS, Malicious, write_bad_input
 from typer.testing import CliRunner
 
 from onorm_convert import OnlineNorm2d, OnlineNormBase, load_model
 from onorm_convert.checkpoint import FORMAT_TAG
 from onorm_convert.cli import app
-from test_load import BAD_INPUTS, Malicious, write_bad_input
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # sample_models lives at the repository root, outside the installed package
 from sample_models import models  # noqa: E402
+
 SAMPLES = REPO / "sample_models"
 runner = CliRunner()
 
@@ -52,13 +53,31 @@ def shape_arg(name: str, batch: int = 3) -> str:
 @pytest.mark.parametrize("name", sorted(models.INPUT_SHAPES))
 def test_state_dict_with_arch_gives_a_self_describing_checkpoint(tmp_path, name):
     out = tmp_path / "out.pt"
-    result = onorm("convert", SAMPLES / f"{name}.pt", "--arch", f"sample_models.models:{name}", "--ecm", "none", "--input-shape", shape_arg(name), "-o", out, "--json")
+    result = onorm(
+        "convert",
+        SAMPLES / f"{name}.pt",
+        "--arch",
+        f"sample_models.models:{name}",
+        "--ecm",
+        "none",
+        "--input-shape",
+        shape_arg(name),
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["check"]["exact"] and report["output_format"] == "onorm_checkpoint"
-    assert report["converted"] == sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in sample_model(name).modules())
+    assert report["converted"] == sum(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in sample_model(name).modules()
+    )
     raw = torch.load(out, weights_only=True)
-    assert raw["format"] == FORMAT_TAG and raw["arch"] == f"sample_models.models:{name}" and raw["input_shapes"] == [[3, *models.INPUT_SHAPES[name][1:]]]
+    assert (
+        raw["format"] == FORMAT_TAG
+        and raw["arch"] == f"sample_models.models:{name}"
+        and raw["input_shapes"] == [[3, *models.INPUT_SHAPES[name][1:]]]
+    )
     rebuilt = load_model(out).eval()  # no --arch: the checkpoint says how
     x = torch.rand((4,) + models.INPUT_SHAPES[name][1:])
     torch.testing.assert_close(rebuilt(x), sample_model(name)(x), rtol=1e-5, atol=1e-5)
@@ -89,7 +108,17 @@ def test_existing_output_needs_force(tmp_path):
 def test_pickled_module_in_pickled_module_out(tmp_path):
     source = tmp_path / "whole.pt"
     torch.save(sample_model("digits_conv1d"), source)
-    result = onorm("convert", source, "--trust", "--input-shape", shape_arg("digits_conv1d"), "--ecm", "layer-scaling", "-o", tmp_path / "out.pt")
+    result = onorm(
+        "convert",
+        source,
+        "--trust",
+        "--input-shape",
+        shape_arg("digits_conv1d"),
+        "--ecm",
+        "layer-scaling",
+        "-o",
+        tmp_path / "out.pt",
+    )
     assert result.exit_code == 0, result.output
     converted = torch.load(tmp_path / "out.pt", weights_only=False)
     norms = [m for m in converted.modules() if isinstance(m, OnlineNormBase)]
@@ -98,7 +127,19 @@ def test_pickled_module_in_pickled_module_out(tmp_path):
 
 def test_onorm_checkpoint_converts_to_itself_and_inspects(tmp_path):
     first = tmp_path / "first.pt"
-    assert onorm("convert", SAMPLES / "volume_net.pt", "--arch", "sample_models.models:volume_net", "-o", first, "--input-shape", "1,1,4,8,8").exit_code == 0
+    assert (
+        onorm(
+            "convert",
+            SAMPLES / "volume_net.pt",
+            "--arch",
+            "sample_models.models:volume_net",
+            "-o",
+            first,
+            "--input-shape",
+            "1,1,4,8,8",
+        ).exit_code
+        == 0
+    )
     again = onorm("convert", first, "-o", tmp_path / "second.pt", "--json")
     assert again.exit_code == 0 and "no BatchNorm layer to convert" in again.stderr
     assert json.loads(again.stdout)["check"]["exact"]  # input shapes recorded in the checkpoint drive the check
@@ -111,7 +152,16 @@ def test_onorm_checkpoint_converts_to_itself_and_inspects(tmp_path):
 def test_inspect_lists_what_convert_would_change():
     result = onorm("inspect", SAMPLES / "digits_mlp.pt", "--arch", "sample_models.models:digits_mlp")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[2].split() == ["1", "BatchNorm1d", "32", "->", "OnlineNorm1d", "fold", "into", "'0'"]
+    assert result.stdout.splitlines()[2].split() == [
+        "1",
+        "BatchNorm1d",
+        "32",
+        "->",
+        "OnlineNorm1d",
+        "fold",
+        "into",
+        "'0'",
+    ]
 
 
 CHECK_FAILS = """
@@ -169,16 +219,40 @@ BAD_FLAGS = {
     "no_arch": ([], "holds a state dict"),
     "arch_not_importable": (["--arch", "nowhere.models:net"], "cannot import 'nowhere.models'"),
     "arch_not_callable": (["--arch", "sample_models.models:INPUT_SHAPES"], "not callable"),
-    "arch_keys_mismatch": (["--arch", "sample_models.models:digits_resnet"], "do not match the model built by --arch: missing '3.conv1.weight'"),
-    "arch_kwargs_json": (["--arch", "sample_models.models:digits_mlp", "--arch-kwargs", "{hidden: 3}"], "not valid JSON"),
-    "arch_kwargs_shape": (["--arch", "sample_models.models:digits_mlp", "--arch-kwargs", '{"hidden": 3}'], "shapes differ"),
+    "arch_keys_mismatch": (
+        ["--arch", "sample_models.models:digits_resnet"],
+        "do not match the model built by --arch: missing '3.conv1.weight'",
+    ),
+    "arch_kwargs_json": (
+        ["--arch", "sample_models.models:digits_mlp", "--arch-kwargs", "{hidden: 3}"],
+        "not valid JSON",
+    ),
+    "arch_kwargs_shape": (
+        ["--arch", "sample_models.models:digits_mlp", "--arch-kwargs", '{"hidden": 3}'],
+        "shapes differ",
+    ),
     "key_absent": (["--arch", "sample_models.models:digits_mlp", "--key", "ema"], "--key 'ema' is not in the file"),
-    "shape_x": (["--arch", "sample_models.models:digits_mlp", "--input-shape", "3x224"], "expected comma-separated positive integers"),
-    "shape_zero": (["--arch", "sample_models.models:digits_mlp", "--input-shape", "0,3,4,4"], "dimensions must be positive"),
-    "shape_negative": (["--arch", "sample_models.models:digits_mlp", "--input-shape", "-1,3"], "expected comma-separated positive integers"),
+    "shape_x": (
+        ["--arch", "sample_models.models:digits_mlp", "--input-shape", "3x224"],
+        "expected comma-separated positive integers",
+    ),
+    "shape_zero": (
+        ["--arch", "sample_models.models:digits_mlp", "--input-shape", "0,3,4,4"],
+        "dimensions must be positive",
+    ),
+    "shape_negative": (
+        ["--arch", "sample_models.models:digits_mlp", "--input-shape", "-1,3"],
+        "expected comma-separated positive integers",
+    ),
     "shape_rejected": (["--arch", "sample_models.models:digits_mlp", "--input-shape", "2,1,8,8"], "layer '0' failed"),
-    "ecm": (["--arch", "sample_models.models:digits_mlp", "--ecm", "tanh"], "--ecm 'tanh': expected clamp, layer-scaling or none"),
-    "alpha": (["--arch", "sample_models.models:digits_mlp", "--alpha-fwd", "1.5"], "--alpha-fwd 1.5: must be in [0, 1)"),
+    "ecm": (
+        ["--arch", "sample_models.models:digits_mlp", "--ecm", "tanh"],
+        "--ecm 'tanh': expected clamp, layer-scaling or none",
+    ),
+    "alpha": (
+        ["--arch", "sample_models.models:digits_mlp", "--alpha-fwd", "1.5"],
+        "--alpha-fwd 1.5: must be in [0, 1)",
+    ),
 }
 
 
@@ -190,12 +264,16 @@ def test_bad_flags(tmp_path, case):
     assert_refused(onorm("convert", source, *flags, "-o", tmp_path / "out.pt"), tmp_path, before, message)
 
 
-@pytest.mark.parametrize(("case", "message"), [("missing_folder", "does not exist"), ("is_input", "may not be the input")])
+@pytest.mark.parametrize(
+    ("case", "message"), [("missing_folder", "does not exist"), ("is_input", "may not be the input")]
+)
 def test_bad_outputs(tmp_path, case, message):
     source = state_dict_file(tmp_path)
     output = tmp_path / "nowhere" / "out.pt" if case == "missing_folder" else source
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
-    assert_refused(onorm("convert", source, "--arch", "sample_models.models:digits_mlp", "-o", output), tmp_path, before, message)
+    assert_refused(
+        onorm("convert", source, "--arch", "sample_models.models:digits_mlp", "-o", output), tmp_path, before, message
+    )
 
 
 def test_pickled_module_without_trust_and_a_malicious_pickle(tmp_path):
@@ -203,19 +281,35 @@ def test_pickled_module_without_trust_and_a_malicious_pickle(tmp_path):
     marker = tmp_path / "pwned.txt"
     torch.save(Malicious(str(marker)), tmp_path / "evil.pt")
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
-    assert_refused(onorm("convert", tmp_path / "whole.pt", "-o", tmp_path / "out.pt"), tmp_path, before, "pass --trust; otherwise")
+    assert_refused(
+        onorm("convert", tmp_path / "whole.pt", "-o", tmp_path / "out.pt"), tmp_path, before, "pass --trust; otherwise"
+    )
     assert_refused(onorm("convert", tmp_path / "evil.pt", "-o", tmp_path / "out.pt"), tmp_path, before, "('io.open')")
     assert not marker.exists()
 
 
 def run_onorm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onorm_convert", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "onorm_convert", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
+@pytest.mark.slow
 def test_real_process_exit_codes(tmp_path):
-    ok = run_onorm("convert", SAMPLES / "digits_mlp.pt", "--arch", "sample_models.models:digits_mlp", "--input-shape", "2,64", "-o", tmp_path / "out.pt")
+    ok = run_onorm(
+        "convert",
+        SAMPLES / "digits_mlp.pt",
+        "--arch",
+        "sample_models.models:digits_mlp",
+        "--input-shape",
+        "2,64",
+        "-o",
+        tmp_path / "out.pt",
+    )
     assert ok.returncode == 0, ok.stderr
     torch.save(sample_model("digits_mlp"), tmp_path / "whole.pt")
     refused = run_onorm("convert", tmp_path / "whole.pt", "-o", tmp_path / "refused.pt", "--json")
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert (
+        refused.returncode == 2 and "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    )
     assert json.loads(refused.stdout)["error"]["type"] == "BadInputError" and not (tmp_path / "refused.pt").exists()

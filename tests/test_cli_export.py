@@ -25,7 +25,7 @@ from sample_models import models  # noqa: E402
 ARCH = "sample_models.models:digits_mlp"
 runner = CliRunner()
 
-LIAR_MODULE = '''
+LIAR_MODULE = """
 import torch
 from torch import nn
 
@@ -47,7 +47,7 @@ class Liar(nn.Module):
 
 def liar():
     return Liar()
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +82,13 @@ def checkpoint_file(tmp_path) -> Path:
     """A converted digits_mlp in onorm's checkpoint, recording input shape (2, 64)."""
     path = tmp_path / "mlp_onorm.pt"
     converted = convert(trained_mlp())
-    write_checkpoint(path, make_checkpoint(converted, arch=ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
+    write_checkpoint(
+        path, make_checkpoint(converted, arch=ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)])
+    )
     return path
 
 
+@pytest.mark.slow
 def test_checkpoint_exports_beside_the_input_with_recorded_shapes(checkpoint_file: Path) -> None:
     before = digest(checkpoint_file)
     result = onorm(checkpoint_file)
@@ -95,7 +98,9 @@ def test_checkpoint_exports_beside_the_input_with_recorded_shapes(checkpoint_fil
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["layer", "type", "action", "into"]
     assert lines[1].split()[:4] == ["1", "OnlineNorm1d", "folded", "0"]
-    assert "folded 1 of 1 normalization layers" in result.stdout and "ONNX ops: Clip 1, Gemm 2" in result.stdout  # Relu merged into the Clip
+    assert (
+        "folded 1 of 1 normalization layers" in result.stdout and "ONNX ops: Clip 1, Gemm 2" in result.stdout
+    )  # Relu merged into the Clip
     assert "random batch 1" in result.stdout and "random batch 2" in result.stdout
     assert f"exported (verified) -> {out}" in result.stdout
     assert "folding normalization layers" in result.stderr and "verifying against the PyTorch model" in result.stderr
@@ -105,13 +110,29 @@ def test_json_strip_clamp_real_inputs_and_output_flag(checkpoint_file: Path, tmp
     np.savez(tmp_path / "real.npz", x=np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32))
     out = tmp_path / "deploy" / "m.onnx"
     out.parent.mkdir()
-    result = onorm(checkpoint_file, "--strip-clamp", "--inputs", tmp_path / "real.npz", "-o", out, "--json", "--atol", "1e-3", "--rtol", "1e-2")
+    result = onorm(
+        checkpoint_file,
+        "--strip-clamp",
+        "--inputs",
+        tmp_path / "real.npz",
+        "-o",
+        out,
+        "--json",
+        "--atol",
+        "1e-3",
+        "--rtol",
+        "1e-2",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["path"] == str(out) and out.is_file()
     assert report["op_counts"] == {"Gemm": 2, "Relu": 1} and report["fold"]["steps"][0]["ecm"] == "clamp stripped"
     checks = report["verification"]["checks"]
-    assert report["verification"]["passed"] and {c["atol"] for c in checks} == {1e-3} and {c["rtol"] for c in checks} == {1e-2}
+    assert (
+        report["verification"]["passed"]
+        and {c["atol"] for c in checks} == {1e-3}
+        and {c["rtol"] for c in checks} == {1e-2}
+    )
     assert checks[-1]["batch"] == "real inputs (batch 5)"
     assert [layer["layer"] for layer in report["clamp_audit"]["layers"]] == ["1"]
     assert report["clamp_audit"]["clean"] == (report["clamp_audit"]["max_output_change"] == 0.0)
@@ -181,7 +202,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(state_dict_file: Path, ex
 
 def test_inputs_that_do_not_fit_exit_2(state_dict_file: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "wrong.npy", np.zeros((4, 32), dtype=np.float32))
-    result = onorm(state_dict_file, "--arch", ARCH, "--input-shape", "1,64", "--inputs", tmp_path / "wrong.npy", "--json")
+    result = onorm(
+        state_dict_file, "--arch", ARCH, "--input-shape", "1,64", "--inputs", tmp_path / "wrong.npy", "--json"
+    )
     assert result.exit_code == 2 and "input 0 has shape (4, 32), expected (N, 64)" in result.stderr
     assert json.loads(result.stdout)["error"]["type"] == "BadInputError"
 
@@ -198,7 +221,9 @@ def test_trust_is_needed_for_a_pickled_module(tmp_path: Path) -> None:
 def test_key_and_arch_kwargs(tmp_path: Path) -> None:
     path = tmp_path / "train_ckpt.pt"
     torch.save({"epoch": 3, "weights": models.digits_mlp(hidden=16).state_dict()}, path)
-    result = onorm(path, "--arch", ARCH, "--arch-kwargs", '{"hidden": 16}', "--key", "weights", "--input-shape", "1,64", "--json")
+    result = onorm(
+        path, "--arch", ARCH, "--arch-kwargs", '{"hidden": 16}', "--key", "weights", "--input-shape", "1,64", "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["fold"]["steps"][0]["norm"] == "1"
 
@@ -233,14 +258,25 @@ def test_debug_shows_the_traceback(state_dict_file: Path) -> None:
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onorm_convert", "export", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "onorm_convert", "export", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
+@pytest.mark.slow
 def test_real_process_exit_codes_and_no_traceback(liar_file: Path, state_dict_file: Path) -> None:
     # --format torch: the same exit-1 path as ONNX, without the ONNX exporter's start-up cost in a fresh process
-    mismatch = run_cli(liar_file, "--arch", "liarmodels:liar", "--input-shape", "1,64", "--format", "torch", cwd=liar_file.parent)
+    mismatch = run_cli(
+        liar_file, "--arch", "liarmodels:liar", "--input-shape", "1,64", "--format", "torch", cwd=liar_file.parent
+    )
     assert mismatch.returncode == 1 and "Traceback" not in mismatch.stderr and "Warning" not in mismatch.stderr
     assert "MISMATCH" in mismatch.stderr and not liar_file.with_suffix(".pt2").exists()
     bad = run_cli(state_dict_file, "--arch", ARCH, "--input-shape", "0,64", cwd=REPO)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["onorm export: error: --input-shape '0,64': dimensions must be positive, e.g. 1,3,224,224"]
+    assert bad.stderr.strip().splitlines() == [
+        "onorm export: error: --input-shape '0,64': dimensions must be positive, e.g. 1,3,224,224"
+    ]

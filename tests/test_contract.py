@@ -81,7 +81,11 @@ def digests(*places: Path) -> dict[str, str]:
     Python's bytecode caches are left out: importing a model's code may write them.
     """
     files = [p for place in places for p in ([place] if place.is_file() else sorted(place.rglob("*")))]
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def assert_one_error_line(result, command: str, fragment: str) -> str:
@@ -100,7 +104,12 @@ def assert_json_failure(result, command: str, code: int, kind: str, fragment: st
     """Exit ``code``; stdout is one JSON object saying so, with the error the stderr line shows."""
     assert result.exit_code == code, result.output
     report = json.loads(result.stdout, parse_constant=_reject_non_standard)  # one strict document
-    assert (report["command"], report["ok"], report["exit_code"], report["error"]["type"]) == (command, False, code, kind)
+    assert (report["command"], report["ok"], report["exit_code"], report["error"]["type"]) == (
+        command,
+        False,
+        code,
+        kind,
+    )
     assert fragment in report["error"]["message"]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith(f"onorm {command}: error: ")]
     assert error_lines == [f"onorm {command}: error: {report['error']['message'].splitlines()[0]}"]
@@ -127,7 +136,9 @@ def test_every_exit_code_is_defined_in_errors_and_documented():
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, flags=re.MULTILINE)}
     assert documented == set(defined.values()) == {0, 1, 2, 3, 130, 143}
     cli_app = importlib.import_module("onorm_convert.cli.app")
-    assert all(getattr(errors, name) is value for name, value in vars(cli_app).items() if name.startswith("EXIT_"))  # no second definition
+    assert all(
+        getattr(errors, name) is value for name, value in vars(cli_app).items() if name.startswith("EXIT_")
+    )  # no second definition
 
 
 def test_a_bug_exits_3_with_one_line_and_shows_the_traceback_only_with_debug(monkeypatch):
@@ -137,7 +148,9 @@ def test_a_bug_exits_3_with_one_line_and_shows_the_traceback_only_with_debug(mon
     monkeypatch.setattr("onorm_convert.cli.inspect_cmd.plan_conversion", broken)
     args = ["inspect", MLP, "--arch", MLP_ARCH]
     plain = onorm(*args, "--json")
-    assert_json_failure(plain, "inspect", errors.EXIT_INTERNAL, "ZeroDivisionError", "this is a bug in onorm; rerun with --debug")
+    assert_json_failure(
+        plain, "inspect", errors.EXIT_INTERNAL, "ZeroDivisionError", "this is a bug in onorm; rerun with --debug"
+    )
     debug = onorm(*args, "--debug")
     assert debug.exit_code == 3 and "Traceback (most recent call last)" in debug.stderr and "in broken" in debug.stderr
 
@@ -151,7 +164,9 @@ def test_ctrl_c_wrapped_by_a_library_still_exits_130(monkeypatch):
 
     monkeypatch.setattr("onorm_convert.cli.inspect_cmd.plan_conversion", interrupted_import)
     result = onorm("inspect", MLP, "--arch", MLP_ARCH, "--json")
-    assert_json_failure(result, "inspect", errors.EXIT_INTERRUPTED, "KeyboardInterrupt", "interrupted; nothing was written")
+    assert_json_failure(
+        result, "inspect", errors.EXIT_INTERRUPTED, "KeyboardInterrupt", "interrupted; nothing was written"
+    )
 
 
 # --- --json failures and --debug, for every command ----------------------------------------------
@@ -167,11 +182,38 @@ def write_nan_inputs(folder: Path) -> Path:
 
 JSON_FAILURES = {
     "convert_missing_file": (["convert", "{tmp}/missing.pt"], "BadInputError", "no such file"),
-    "convert_bad_ecm": (["convert", MLP, "--arch", MLP_ARCH, "--ecm", "tanh", "-o", "{tmp}/out.pt"], "BadInputError", "--ecm 'tanh'"),
+    "convert_bad_ecm": (
+        ["convert", MLP, "--arch", MLP_ARCH, "--ecm", "tanh", "-o", "{tmp}/out.pt"],
+        "BadInputError",
+        "--ecm 'tanh'",
+    ),
     "inspect_text_file": (["inspect", "{tmp}/notes.txt"], "BadInputError", "is a text file"),
-    "inspect_arch_not_importable": (["inspect", MLP, "--arch", "nowhere:net"], "BadInputError", "cannot import 'nowhere'"),
-    "export_nan_inputs": (["export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "--inputs", "{tmp}/real.npz", "-o", "{tmp}/m.onnx"], "BadInputError", "input 0 contains NaN or Inf"),
-    "export_no_shape": (["export", MLP, "--arch", MLP_ARCH, "-o", "{tmp}/m.onnx"], "BadInputError", "records no input shape"),
+    "inspect_arch_not_importable": (
+        ["inspect", MLP, "--arch", "nowhere:net"],
+        "BadInputError",
+        "cannot import 'nowhere'",
+    ),
+    "export_nan_inputs": (
+        [
+            "export",
+            MLP,
+            "--arch",
+            MLP_ARCH,
+            "--input-shape",
+            "1,64",
+            "--inputs",
+            "{tmp}/real.npz",
+            "-o",
+            "{tmp}/m.onnx",
+        ],
+        "BadInputError",
+        "input 0 contains NaN or Inf",
+    ),
+    "export_no_shape": (
+        ["export", MLP, "--arch", MLP_ARCH, "-o", "{tmp}/m.onnx"],
+        "BadInputError",
+        "records no input shape",
+    ),
 }
 
 
@@ -192,7 +234,9 @@ def test_debug_shows_the_traceback_of_an_expected_failure(tmp_path, command):
     assert plain.exit_code == 2
     assert_one_error_line(plain, command, "no such file")
     debug = onorm(command, tmp_path / "missing.pt", "--debug")
-    assert debug.exit_code == 2 and "Traceback (most recent call last)" in debug.stderr and "BadInputError" in debug.stderr
+    assert (
+        debug.exit_code == 2 and "Traceback (most recent call last)" in debug.stderr and "BadInputError" in debug.stderr
+    )
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
@@ -240,7 +284,9 @@ def test_success_leaves_every_input_untouched_and_inspect_writes_nothing(tmp_pat
     out.parent.mkdir()
     converted = onorm("convert", pickled, "--trust", "--input-shape", "2,64", "-o", out)
     assert converted.exit_code == 0, converted.output
-    assert digests(pickled.parent, *SAMPLE_FILES) == before and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert digests(pickled.parent, *SAMPLE_FILES) == before and sorted(p.name for p in out.parent.iterdir()) == [
+        out.name
+    ]
 
 
 # --- atomic writes: interrupted, killed, out of space ---------------------------------------------
@@ -270,6 +316,7 @@ def signal_after(process: subprocess.Popen, line_start: str, signum: int) -> tup
 
 
 @pytest.mark.parametrize("step", ["exporting to ONNX", "verifying against the PyTorch model"])
+@pytest.mark.slow
 def test_ctrl_c_during_export_exits_130_and_leaves_the_old_output_alone(tmp_path, step):
     out = tmp_path / "deploy" / "resnet.onnx"
     out.parent.mkdir()
@@ -278,10 +325,14 @@ def test_ctrl_c_during_export_exits_130_and_leaves_the_old_output_alone(tmp_path
     process = start("export", RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", out, "--force")
     code, stderr = signal_after(process, step, signal.SIGINT)
     assert code == errors.EXIT_INTERRUPTED, stderr
-    assert stderr.strip().splitlines()[-1] == "onorm export: error: interrupted; nothing was written" and "Traceback" not in stderr
+    assert (
+        stderr.strip().splitlines()[-1] == "onorm export: error: interrupted; nothing was written"
+        and "Traceback" not in stderr
+    )
     assert digests(out.parent, *SAMPLE_FILES) == before  # no temp file left, the old output and the input unchanged
 
 
+@pytest.mark.slow
 def test_sigterm_during_export_exits_143_and_leaves_the_old_output_alone(tmp_path):
     """A pipeline's timeout or a stopping container sends SIGTERM: it unwinds as Ctrl-C does."""
     out = tmp_path / "deploy" / "resnet.onnx"
@@ -309,25 +360,34 @@ def test_sigterm_outside_a_command_body_still_exits_143_with_its_line(monkeypatc
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(typer, "echo", echo_after_a_sigterm)
     assert cli_main(["--version"]) == errors.EXIT_TERMINATED
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "onorm: error: terminated (SIGTERM); no partial output was left"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == "onorm: error: terminated (SIGTERM); no partial output was left"
+    )
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_convert_exits_130_and_leaves_nothing(tmp_path):
     out = tmp_path / "out.pt"
     # '1' is left as is with a warning; the check that follows runs 4 passes over a large batch (seconds).
-    process = start("convert", RESNET, "--arch", RESNET_ARCH, "--exclude", "1", "--input-shape", "16,1,128,128", "-o", out)
+    process = start(
+        "convert", RESNET, "--arch", RESNET_ARCH, "--exclude", "1", "--input-shape", "16,1,128,128", "-o", out
+    )
     code, stderr = signal_after(process, "onorm: warning: '1' (BatchNorm2d) left as is", signal.SIGINT)
     assert code == errors.EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "onorm convert: error: interrupted; nothing was written"
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_kill_9_before_the_rename_leaves_the_old_output(tmp_path):
     out = tmp_path / "resnet.onnx"
     out.write_bytes(b"the previous release")
     process = start("export", RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", out, "--force")
-    code, _ = signal_after(process, "verifying against the PyTorch model", signal.SIGKILL)  # the new file is complete, not yet renamed
+    code, _ = signal_after(
+        process, "verifying against the PyTorch model", signal.SIGKILL
+    )  # the new file is complete, not yet renamed
     assert code == -signal.SIGKILL and out.read_bytes() == b"the previous release"
     (leftover,) = set(tmp_path.iterdir()) - {out}  # a killed process cannot clean up: its hidden temp file stays
     assert re.fullmatch(r"\.resnet\.onnx\.\w+\.onnx\.tmp", leftover.name) and leftover.stat().st_size > 0
@@ -350,6 +410,7 @@ write_atomically(Path(sys.argv[1]), half_then_die)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_write_leaves_the_old_output(tmp_path):
     out = tmp_path / "model.pt"
     out.write_bytes(b"old bytes")
@@ -364,7 +425,9 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_old_output(tmp_path):
 def mounted_tmpfs(folder: Path, options: str):
     """A tmpfs mounted at ``folder``; skips the test where mounting is not permitted."""
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
     try:
@@ -386,15 +449,21 @@ def full_disk(tmp_path):
 def test_full_disk_is_a_clear_error_and_keeps_the_old_output(full_disk, command):
     before = digests(full_disk, *SAMPLE_FILES)
     extra = ["--format", "torch"] if command == "export" else []
-    result = onorm(command, RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", full_disk / "out", "--force", *extra)
+    result = onorm(
+        command, RESNET, "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", full_disk / "out", "--force", *extra
+    )
     assert result.exit_code == 2, result.output
     errors_ = [line for line in result.stderr.splitlines() if line.startswith(f"onorm {command}: error:")]
-    assert errors_ == [f"onorm {command}: error: {full_disk / 'out'}: cannot write the output (No space left on device); free some space or choose another -o. Nothing was written"]
+    assert errors_ == [
+        f"onorm {command}: error: {full_disk / 'out'}: cannot write the output (No space left on device); free some space or choose another -o. Nothing was written"
+    ]
     assert "Traceback" not in result.stderr and digests(full_disk, *SAMPLE_FILES) == before
 
 
 def test_full_disk_while_writing_onnx(full_disk):
-    result = onorm("export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "-o", full_disk / "out", "--force", "--json")
+    result = onorm(
+        "export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "-o", full_disk / "out", "--force", "--json"
+    )
     assert_json_failure(result, "export", 2, "BadInputError", "cannot write the output (No space left on device)")
     assert (full_disk / "out").read_bytes() == b"o" * 4096 and sorted(p.name for p in full_disk.iterdir()) == ["out"]
 
@@ -408,7 +477,10 @@ def test_read_only_output_folder(tmp_path):
 
 @pytest.mark.parametrize(
     ("target", "failure"),
-    [("os.fsync", OSError(errno.ENOSPC, "No space left on device")), ("tempfile.mkstemp", OSError(errno.EIO, "Input/output error"))],
+    [
+        ("os.fsync", OSError(errno.ENOSPC, "No space left on device")),
+        ("tempfile.mkstemp", OSError(errno.EIO, "Input/output error")),
+    ],
 )
 def test_a_failing_write_is_exit_2_not_an_internal_error(tmp_path, monkeypatch, target, failure):
     out = tmp_path / "out.pt"
@@ -419,7 +491,9 @@ def test_a_failing_write_is_exit_2_not_an_internal_error(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(target, fail)
     result = onorm("convert", MLP, "--arch", MLP_ARCH, "-o", out, "--force", "--json")
-    report = assert_json_failure(result, "convert", 2, "BadInputError", f"{out}: cannot write the output ({failure.strerror})")
+    report = assert_json_failure(
+        result, "convert", 2, "BadInputError", f"{out}: cannot write the output ({failure.strerror})"
+    )
     assert report["error"]["message"].endswith("Nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"] and out.read_bytes() == b"old bytes"
 
@@ -430,7 +504,13 @@ def test_any_other_os_error_is_exit_2_naming_the_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr("onorm_convert.load._refuse_foreign_formats", unreadable)
     result = onorm("inspect", MLP, "--arch", MLP_ARCH, "--json")
-    assert_json_failure(result, "inspect", 2, "PermissionError", f"{MLP}: Permission denied; check the path, its permissions and the free space")
+    assert_json_failure(
+        result,
+        "inspect",
+        2,
+        "PermissionError",
+        f"{MLP}: Permission denied; check the path, its permissions and the free space",
+    )
 
 
 def test_published_files_get_the_usual_permissions_not_the_temp_files(tmp_path):
@@ -469,17 +549,28 @@ def test_export_refuses_non_finite_statistics_of_a_converted_model(tmp_path):
     converted = convert(model)
     converted[1].running_mean[0] = float("inf")
     path = tmp_path / "mlp_onorm.pt"
-    write_checkpoint(path, make_checkpoint(converted, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]))
+    write_checkpoint(
+        path,
+        make_checkpoint(converted, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]),
+    )
     before = digests(tmp_path)
     result = onorm("export", path, "--json")
-    assert_json_failure(result, "export", 2, "BadInputError", "layer '1' (OnlineNorm1d): its running statistics or affine parameters are not finite")
+    assert_json_failure(
+        result,
+        "export",
+        2,
+        "BadInputError",
+        "layer '1' (OnlineNorm1d): its running statistics or affine parameters are not finite",
+    )
     assert digests(tmp_path) == before
 
 
 def test_convert_check_producing_nan_exits_1(tmp_path, arch_module):
     torch.save(build_arch(f"{arch_module}:log_net", {}).state_dict(), tmp_path / "log.pt")
     before = digests(tmp_path)
-    result = onorm("convert", "log.pt", "--arch", f"{arch_module}:log_net", "--input-shape", "4,64", "-o", "out.pt", "--json")
+    result = onorm(
+        "convert", "log.pt", "--arch", f"{arch_module}:log_net", "--input-shape", "4,64", "-o", "out.pt", "--json"
+    )
     assert_json_failure(result, "convert", 1, "VerificationError", "output 0 of the original model contains NaN or Inf")
     assert digests(tmp_path) == before
 
@@ -490,7 +581,11 @@ def test_export_verification_producing_nan_exits_1_and_is_never_verified(tmp_pat
     result = onorm("export", "log.pt", "--arch", f"{arch_module}:log_net", "--input-shape", "4,64", "--json")
     report = assert_json_failure(result, "export", 1, "ExportMismatchError", "MISMATCH")
     failed = [check for check in report["verification"]["checks"] if not check["passed"]]
-    assert failed and not report["verification"]["passed"] and all("non-finite (NaN/Inf) values" in c["problem"] for c in failed)
+    assert (
+        failed
+        and not report["verification"]["passed"]
+        and all("non-finite (NaN/Inf) values" in c["problem"] for c in failed)
+    )
     assert report["path"] is None and digests(tmp_path) == before
 
 
@@ -502,10 +597,17 @@ def test_keep_failed_never_replaces_an_existing_file_without_force(tmp_path, arc
     assert result.exit_code in (1, 2) and kept.read_bytes() == b"an earlier failure someone is looking at"
 
 
+@pytest.mark.slow
 def test_real_processes_give_json_and_no_traceback(tmp_path):
     # convert's real process: test_cli_convert.py::test_real_process_exit_codes
     for args in (["inspect", tmp_path], ["export", MLP, "--arch", MLP_ARCH, "--opset", "99", "--input-shape", "1,64"]):
-        done = subprocess.run([sys.executable, "-m", "onorm_convert", *map(str, args), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "onorm_convert", *map(str, args), "--json"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         report = json.loads(done.stdout)
         assert done.returncode == report["exit_code"] == 2 and report["command"] == args[0] and not report["ok"]
         assert done.stderr.strip().splitlines() == [f"onorm {args[0]}: error: {report['error']['message']}"]
@@ -534,7 +636,9 @@ def test_the_inputs_file_is_an_input_too(tmp_path):
     inputs = tmp_path / "val.npy"
     np.save(inputs, np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32))
     before = inputs.read_bytes()
-    result = onorm("export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "--inputs", inputs, "-o", inputs, "--force")
+    result = onorm(
+        "export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "--inputs", inputs, "-o", inputs, "--force"
+    )
     assert result.exit_code == 2
     assert_one_error_line(result, "export", "may not be the input")
     assert inputs.read_bytes() == before
@@ -543,7 +647,19 @@ def test_the_inputs_file_is_an_input_too(tmp_path):
 def test_static_batch_refuses_inputs_of_another_batch(tmp_path):
     inputs = tmp_path / "val.npy"
     np.save(inputs, np.zeros((3, 64), dtype=np.float32))
-    args = ("export", MLP, "--arch", MLP_ARCH, "--input-shape", "2,64", "--inputs", inputs, "--static-batch", "-o", tmp_path / "m.onnx")
+    args = (
+        "export",
+        MLP,
+        "--arch",
+        MLP_ARCH,
+        "--input-shape",
+        "2,64",
+        "--inputs",
+        inputs,
+        "--static-batch",
+        "-o",
+        tmp_path / "m.onnx",
+    )
     result = onorm(*args)
     assert result.exit_code == 2
     assert_one_error_line(result, "export", "--static-batch fixes it to 2")

@@ -21,6 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_contract import (
+    MLP,
+    MLP_ARCH,
+    REPO,
+    assert_json_failure,
+    assert_one_error_line,
+    digests,
+    in_repo,  # noqa: F401 - autouse: run from the repository root, as test_contract.py does
+    onorm,
+    signal_after,
+    start,
+)
 
 import onorm_launch
 from onorm_convert import errors
@@ -29,8 +41,6 @@ from onorm_convert.cli import main as cli_main
 from onorm_convert.convert import convert
 from onorm_convert.errors import BadInputError
 from onorm_convert.inputs import load_input_file, parse_input_shape, random_inputs
-from test_contract import MLP, MLP_ARCH, REPO, assert_json_failure, assert_one_error_line, digests, onorm, signal_after, start
-from test_contract import in_repo  # noqa: F401 - autouse: run from the repository root, as test_contract.py does
 
 USER_CODE = """
 import os
@@ -109,6 +119,7 @@ def run_cli(*args, **popen) -> subprocess.CompletedProcess:
 # --- the model's code that prints or exits ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_what_the_models_code_prints_goes_to_stderr_and_stdout_holds_the_report(tmp_path, user_code):
     """Python prints (factory, forward) and a child process writing to fd 1: none of it reaches stdout."""
     done = run_cli("convert", "net.pt", "--arch", f"{user_code}:chatty", "--input-shape", "2,64", "-o", "out.pt", "--json",
@@ -182,14 +193,21 @@ def another_run_writes(destination: Path, real):
     return wrapper
 
 
-@pytest.mark.parametrize("command, step", [("convert", "onorm_convert.cli.convert_cmd.make_checkpoint"), ("export", "onorm_convert.export.op_type_counts")])
+@pytest.mark.parametrize(
+    "command, step",
+    [("convert", "onorm_convert.cli.convert_cmd.make_checkpoint"), ("export", "onorm_convert.export.op_type_counts")],
+)
 def test_without_force_a_run_never_replaces_what_another_run_published_meanwhile(tmp_path, monkeypatch, command, step):
     out = tmp_path / "out.bin"
     module, _, name = step.rpartition(".")
     monkeypatch.setattr(step, another_run_writes(out, getattr(sys.modules[module], name)))
     result = onorm(command, MLP, "--arch", MLP_ARCH, "--input-shape", "2,64", "-o", out, "--json")
-    assert_json_failure(result, command, 2, "BadInputError", f"{out}: appeared while onorm was writing it (another run?)")
-    assert out.read_bytes() == b"the other run's verified output" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert_json_failure(
+        result, command, 2, "BadInputError", f"{out}: appeared while onorm was writing it (another run?)"
+    )
+    assert out.read_bytes() == b"the other run's verified output" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.bin"
+    ]
 
 
 # --- --inputs of every dtype, and sizes ------------------------------------------------------------------
@@ -219,17 +237,32 @@ BAD_INPUTS = {
     "str": (lambda d: save_npy(d, "a.npy", np.array([["a"] * 64])), "has dtype <U1"),
     "longdouble": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), np.longdouble)), "has dtype float128"),
     "datetime64": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), "datetime64[s]")), "has dtype datetime64[s]"),
-    "structured": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), [("a", "<f4"), ("b", "<i4")])), "has dtype [('a', '<f4'), ('b', '<i4')]"),
-    "int64": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), np.int64)), "has dtype int64; onorm verifies on floating-point inputs"),
+    "structured": (
+        lambda d: save_npy(d, "a.npy", np.zeros((2, 64), [("a", "<f4"), ("b", "<i4")])),
+        "has dtype [('a', '<f4'), ('b', '<i4')]",
+    ),
+    "int64": (
+        lambda d: save_npy(d, "a.npy", np.zeros((2, 64), np.int64)),
+        "has dtype int64; onorm verifies on floating-point inputs",
+    ),
     "uint8": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), np.uint8)), "has dtype uint8"),
     "bool": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), bool)), "has dtype bool"),
     "complex": (lambda d: save_npy(d, "a.npy", np.zeros((2, 64), np.complex64)), "has dtype complex64"),
-    "npz_named_npy": (lambda d: (np.savez(d / "a.npz", x=np.zeros((2, 64))), (d / "a.npz").rename(d / "a.npy"), d / "a.npy")[-1], "is an .npz archive, not one .npy array; name it .npz"),
+    "npz_named_npy": (
+        lambda d: (np.savez(d / "a.npz", x=np.zeros((2, 64))), (d / "a.npz").rename(d / "a.npy"), d / "a.npy")[-1],
+        "is an .npz archive, not one .npy array; name it .npz",
+    ),
     "npz_text_member": (npz_with_a_text_member, "member 'notes.txt' is not a .npy array"),
-    "sparse": (lambda d: saved_tensor(d, torch.zeros(2, 64).to_sparse()), "is a torch.sparse_coo tensor; save a dense one"),
+    "sparse": (
+        lambda d: saved_tensor(d, torch.zeros(2, 64).to_sparse()),
+        "is a torch.sparse_coo tensor; save a dense one",
+    ),
     "meta": (lambda d: saved_tensor(d, torch.zeros(2, 64, device="meta")), "is a meta tensor"),
     "torch_int": (lambda d: saved_tensor(d, torch.zeros(2, 64, dtype=torch.int32)), "has dtype torch.int32"),
-    "quantized": (lambda d: saved_tensor(d, torch.quantize_per_tensor(torch.zeros(2, 64), 0.1, 0, torch.quint8)), "has dtype torch.quint8"),
+    "quantized": (
+        lambda d: saved_tensor(d, torch.quantize_per_tensor(torch.zeros(2, 64), 0.1, 0, torch.quint8)),
+        "has dtype torch.quint8",
+    ),
 }
 
 
@@ -245,7 +278,19 @@ def test_inputs_of_a_dtype_onorm_cannot_verify_on_name_the_file_and_the_problem(
 
 def test_bad_input_dtype_through_the_cli_is_exit_2_not_a_shape_problem(tmp_path):
     path = save_npy(tmp_path, "ints.npy", np.zeros((3, 64), np.int64))
-    result = onorm("export", MLP, "--arch", MLP_ARCH, "--input-shape", "1,64", "--inputs", path, "-o", tmp_path / "m.onnx", "--json")
+    result = onorm(
+        "export",
+        MLP,
+        "--arch",
+        MLP_ARCH,
+        "--input-shape",
+        "1,64",
+        "--inputs",
+        path,
+        "-o",
+        tmp_path / "m.onnx",
+        "--json",
+    )
     report = assert_json_failure(result, "export", 2, "BadInputError", f"--inputs {path}: input 0 has dtype int64")
     assert "--input-shape" not in report["error"]["message"] and not (tmp_path / "m.onnx").exists()
 
@@ -256,7 +301,13 @@ def test_big_endian_floats_are_read_as_their_values(tmp_path):
     assert torch.equal(tensor, torch.from_numpy(values.astype(np.float32)))
 
 
-@pytest.mark.parametrize("shape, fragment", [("100000000000,100000000000", "more than torch can index"), ("1000000,1000000", "GiB as float32), more than this machine's")])
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ("100000000000,100000000000", "more than torch can index"),
+        ("1000000,1000000", "GiB as float32), more than this machine's"),
+    ],
+)
 def test_an_input_shape_too_big_is_bad_input_naming_the_size(shape, fragment):
     with pytest.raises(BadInputError, match=rf"--input-shape '{shape}': .*{re.escape(fragment)}"):
         parse_input_shape(shape)
@@ -266,10 +317,14 @@ def test_an_input_shape_too_big_recorded_in_a_checkpoint_is_exit_2_naming_the_si
     from sample_models import models
 
     model = convert(models.digits_mlp())
-    checkpoint = make_checkpoint(model, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(10**6, 10**6)])
+    checkpoint = make_checkpoint(
+        model, arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(10**6, 10**6)]
+    )
     torch.save(checkpoint, tmp_path / "huge.pt")
     result = onorm("export", tmp_path / "huge.pt", "--arch", MLP_ARCH, "-o", tmp_path / "m.onnx", "--json")
-    assert_json_failure(result, "export", 2, "BadInputError", "an example input of shape (1000000, 1000000): 1,000,000,000,000 values")
+    assert_json_failure(
+        result, "export", 2, "BadInputError", "an example input of shape (1000000, 1000000): 1,000,000,000,000 values"
+    )
 
 
 def test_a_random_input_that_cannot_be_allocated_is_bad_input(monkeypatch):
@@ -300,7 +355,10 @@ def wait_until_it_catches(process: subprocess.Popen, signum: int) -> None:
     pytest.fail("onorm_launch never took the signals")
 
 
-@pytest.mark.parametrize("signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 0.4), (signal.SIGINT, 1.0), (signal.SIGTERM, 0.4)])
+@pytest.mark.parametrize(
+    "signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 0.4), (signal.SIGINT, 1.0), (signal.SIGTERM, 0.4)]
+)
+@pytest.mark.slow
 def test_a_signal_during_start_up_exits_with_the_one_line(tmp_path, signum, delay):
     """While Python imports torch (seconds): no traceback, the contract's code and line, nothing written."""
     process = subprocess.Popen(
@@ -311,8 +369,14 @@ def test_a_signal_during_start_up_exits_with_the_one_line(tmp_path, signum, dela
     time.sleep(delay)
     process.send_signal(signum)
     stderr = process.communicate(timeout=120)[1]
-    expected = {signal.SIGINT: (130, "interrupted; nothing was written"), signal.SIGTERM: (143, "terminated (SIGTERM); no partial output was left")}
-    assert (process.returncode, stderr.strip().splitlines()) == (expected[signum][0], [f"onorm convert: error: {expected[signum][1]}"])
+    expected = {
+        signal.SIGINT: (130, "interrupted; nothing was written"),
+        signal.SIGTERM: (143, "terminated (SIGTERM); no partial output was left"),
+    }
+    assert (process.returncode, stderr.strip().splitlines()) == (
+        expected[signum][0],
+        [f"onorm convert: error: {expected[signum][1]}"],
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -355,14 +419,19 @@ def test_ctrl_c_after_the_output_was_published_finishes_the_run(tmp_path, monkey
     assert json.loads(capsys.readouterr().out)["ok"] and (tmp_path / "out.pt").is_file()
 
 
-def test_ctrl_c_that_a_library_caught_still_stops_the_run_before_publishing(tmp_path, monkeypatch, capsys, ctrl_c_raises):
+def test_ctrl_c_that_a_library_caught_still_stops_the_run_before_publishing(
+    tmp_path, monkeypatch, capsys, ctrl_c_raises
+):
     signal_once_after(monkeypatch, "onorm_convert.cli.convert_cmd.make_checkpoint", signal.SIGINT, swallow=True)
-    assert cli_main(["convert", str(MLP), "--arch", MLP_ARCH, "-o", str(tmp_path / "out.pt")]) == errors.EXIT_INTERRUPTED
+    assert (
+        cli_main(["convert", str(MLP), "--arch", MLP_ARCH, "-o", str(tmp_path / "out.pt")]) == errors.EXIT_INTERRUPTED
+    )
     assert capsys.readouterr().err.strip().splitlines()[-1] == "onorm convert: error: interrupted; nothing was written"
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+@pytest.mark.slow
 def test_other_terminating_signals_unwind_like_sigterm(tmp_path, signum):
     out = tmp_path / "mlp.onnx"
     out.write_bytes(b"the previous release")
@@ -377,16 +446,20 @@ def test_other_terminating_signals_unwind_like_sigterm(tmp_path, signum):
 # --- a stdout that fails -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_stdout_says_the_report_is_lost_and_that_the_output_was_published(tmp_path):
     out = tmp_path / "out.pt"
     with open("/dev/full", "w") as full:
-        done = run_cli("convert", MLP, "--arch", MLP_ARCH, "-o", out, "--json", cwd=REPO, stdout=full, stderr=subprocess.PIPE)
+        done = run_cli(
+            "convert", MLP, "--arch", MLP_ARCH, "-o", out, "--json", cwd=REPO, stdout=full, stderr=subprocess.PIPE
+        )
     assert done.returncode == 2 and out.is_file() and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"onorm convert: error: cannot write to stdout (No space left on device); the report is lost, {out} was published"
     )
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_says_that_nothing_was_written(tmp_path):
     out = tmp_path / "out.pt"
     read, write = os.pipe()
@@ -396,7 +469,10 @@ def test_a_closed_pipe_says_that_nothing_was_written(tmp_path):
     finally:
         os.close(write)
     assert done.returncode == 2 and not out.exists() and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "onorm convert: error: cannot write to stdout (Broken pipe); the report is lost, nothing was written"
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "onorm convert: error: cannot write to stdout (Broken pipe); the report is lost, nothing was written"
+    )
 
 
 # --- values that should be refused ------------------------------------------------------------------------
@@ -409,7 +485,13 @@ def mlp_state_with(tmp_path: Path, name: str, value: float) -> Path:
     return tmp_path / "damaged.pt"
 
 
-@pytest.mark.parametrize("name, value, problem", [("0.weight", float("nan"), "contains NaN or Inf"), ("1.running_var", -1.0, "is negative, which a variance cannot be")])
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("0.weight", float("nan"), "contains NaN or Inf"),
+        ("1.running_var", -1.0, "is negative, which a variance cannot be"),
+    ],
+)
 def test_convert_without_an_input_shape_refuses_damaged_values(tmp_path, name, value, problem):
     path = mlp_state_with(tmp_path, name, value)
     before = digests(tmp_path)
@@ -421,21 +503,33 @@ def test_convert_without_an_input_shape_refuses_damaged_values(tmp_path, name, v
 def test_export_without_verification_refuses_a_nan_model(tmp_path):
     path = mlp_state_with(tmp_path, "3.bias", float("inf"))
     before = digests(tmp_path)
-    result = onorm("export", path, "--arch", MLP_ARCH, "--input-shape", "1,64", "--no-verify", "-o", tmp_path / "m.onnx", "--json")
-    assert_json_failure(result, "export", 2, "BadInputError", "'3.bias' contains NaN or Inf; the model is damaged, retrain or fix it before exporting")
+    result = onorm(
+        "export", path, "--arch", MLP_ARCH, "--input-shape", "1,64", "--no-verify", "-o", tmp_path / "m.onnx", "--json"
+    )
+    assert_json_failure(
+        result,
+        "export",
+        2,
+        "BadInputError",
+        "'3.bias' contains NaN or Inf; the model is damaged, retrain or fix it before exporting",
+    )
     assert digests(tmp_path) == before
 
 
 def test_complex_weights_are_refused_not_made_real():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3, dtype=torch.complex64), torch.nn.BatchNorm1d(3))
-    with pytest.raises(BadInputError, match=r"'0.weight' is complex \(torch.complex64\); onorm takes real-valued models only"):
+    with pytest.raises(
+        BadInputError, match=r"'0.weight' is complex \(torch.complex64\); onorm takes real-valued models only"
+    ):
         convert(model)
 
 
 @pytest.mark.parametrize("command", ["convert", "export"])
 @pytest.mark.parametrize("factory, returned", [("returns_none", "NoneType"), ("returns_an_int", "int")])
 def test_a_model_with_no_tensor_output_is_bad_input_not_a_mismatch(tmp_path, user_code, command, factory, returned):
-    result = onorm(command, "net.pt", "--arch", f"{user_code}:{factory}", "--input-shape", "2,64", "-o", "out.bin", "--json")
+    result = onorm(
+        command, "net.pt", "--arch", f"{user_code}:{factory}", "--input-shape", "2,64", "-o", "out.bin", "--json"
+    )
     assert_json_failure(result, command, 2, "BadInputError", f"returns no tensor (it returned {returned})")
     assert not (tmp_path / "out.bin").exists()
 

@@ -15,6 +15,7 @@ from sample_models.train import load_digits_split
 
 
 @pytest.mark.parametrize("name", list(models.INPUT_SHAPES))
+@pytest.mark.slow
 def test_default_conversion_changes_no_held_out_prediction(name):
     original = getattr(models, name)()
     original.load_state_dict(torch.load(f"sample_models/{name}.pt", weights_only=True))

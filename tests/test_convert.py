@@ -10,8 +10,8 @@ from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, convert, revert
 from onorm_convert.convert import ConversionWarning, convert_with_report, plan_conversion
-from onorm_convert.verify import EXACT_RTOL, check_conversion
 from onorm_convert.errors import BadInputError, VerificationError
+from onorm_convert.verify import EXACT_RTOL, check_conversion
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -45,7 +45,9 @@ class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.heads = nn.ModuleDict({"a": nn.ModuleList([nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)]), "b": nn.BatchNorm2d(4)})
+        self.heads = nn.ModuleDict(
+            {"a": nn.ModuleList([nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)]), "b": nn.BatchNorm2d(4)}
+        )
 
     def forward(self, x):
         h = self.stem(x)
@@ -74,7 +76,10 @@ def shared_model() -> nn.Module:
 
 ARCHITECTURES = {
     "residual": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Residual(4)), (2, 3, 6, 6)),
-    "depthwise": (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)), (2, 4, 6, 6)),
+    "depthwise": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)),
+        (2, 4, 6, 6),
+    ),
     "grouped": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), (2, 4, 5, 5)),
     "conv_transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 5, 2, stride=2), nn.BatchNorm2d(5)), (2, 3, 4, 4)),
     "linear_bn1d": (lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)), (3, 6)),
@@ -113,7 +118,13 @@ def test_dimensions_follow_the_batchnorm_type():
 def test_options_reach_every_layer_and_eps_is_kept():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), RenamedBatchNorm2d(4))
     layer = convert(model, ecm="layer-scaling", clamp_value=3.0, alpha_fwd=0.9, alpha_bkw=0.8)[1]
-    assert (layer.ecm, layer.clamp_value, layer.alpha_fwd, layer.alpha_bkw, layer.eps) == ("layer_scaling", 3.0, 0.9, 0.8, 1e-3)
+    assert (layer.ecm, layer.clamp_value, layer.alpha_fwd, layer.alpha_bkw, layer.eps) == (
+        "layer_scaling",
+        3.0,
+        0.9,
+        0.8,
+        1e-3,
+    )
 
 
 def test_inplace_keeps_the_very_parameters_and_copies_statistics():
@@ -151,8 +162,11 @@ def test_root_batchnorm_is_replaced():
     assert isinstance(converted, OnlineNorm2d)
 
 
+@pytest.mark.slow
 def test_training_mode_is_kept_and_the_result_trains_at_batch_size_one():
-    model = randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))).train()
+    model = randomize_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+    ).train()
     converted = convert(model)
     assert converted.training and converted[1].training
     before = converted[1].running_mean.clone()
@@ -196,7 +210,9 @@ def test_non_finite_statistics_are_a_clear_error():
 
 
 def test_include_and_exclude_globs():
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    )
     with pytest.warns(ConversionWarning, match="not included"):
         only_first = convert(model, include=["0.*"])
     assert isinstance(only_first[0][1], OnlineNorm2d) and isinstance(only_first[1][1], nn.BatchNorm2d)
@@ -211,7 +227,12 @@ class FrozenBatchNorm2d(nn.Module):
     def __init__(self, n: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
-        for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)), ("running_mean", torch.randn(n)), ("running_var", torch.rand(n) + 0.5)):
+        for name, value in (
+            ("weight", torch.rand(n) + 0.5),
+            ("bias", torch.randn(n)),
+            ("running_mean", torch.randn(n)),
+            ("running_var", torch.rand(n) + 0.5),
+        ):
             self.register_buffer(name, value)
 
     def forward(self, x):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from onorm_convert import convert
 from onorm_convert.layers import STATE_BUFFERS, OnlineNormBase
+
+pytestmark = pytest.mark.slow  # minutes of training or real processes: make test, not make test-fast
 
 WORLD = 2
 STEPS = 40
@@ -88,7 +91,9 @@ def train_replica(rank: int, broadcast_buffers: bool) -> dict:
         loss = loss_fn(ddp(x), y)
         loss.backward()
         report["losses"].append(loss.item())
-        report["buffer_error"] = max(report["buffer_error"], max_difference(onorm_buffers(model), onorm_buffers(replay)))
+        report["buffer_error"] = max(
+            report["buffer_error"], max_difference(onorm_buffers(model), onorm_buffers(replay))
+        )
         for p, q in zip(model.parameters(), replay.parameters()):  # DDP averages the replicas' gradients
             mean_grad = q.grad.clone()
             dist.all_reduce(mean_grad)

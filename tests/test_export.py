@@ -19,6 +19,7 @@ from onorm_convert.export import FAILED_SUFFIX, ExportMismatchError, check_opset
 from onorm_convert.fold import fold
 from onorm_convert.inputs import fit_inputs, load_input_file
 from onorm_convert.verify import clamp_audit, compare_arrays, compare_outputs
+
 from test_fold import randomized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +38,14 @@ def trained_sample(name: str) -> nn.Module:
 
 def bare_onnx_op_counts(model: nn.Module, x: torch.Tensor) -> Counter:
     """Op counts of the plain torch.onnx export (dynamo exporter, dynamic batch), as a user would do it."""
-    program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    program = torch.onnx.export(
+        model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False
+    )
     return Counter(node.op_type for node in program.model_proto.graph.node)
 
 
 @pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.slow
 def test_stripped_converted_sample_has_the_op_counts_of_the_batchnorm_original(name: str, tmp_path) -> None:
     original = trained_sample(name)
     x = torch.randn(samples.INPUT_SHAPES[name])
@@ -56,6 +60,7 @@ def test_stripped_converted_sample_has_the_op_counts_of_the_batchnorm_original(n
     assert written == Counter(report.op_counts)
 
 
+@pytest.mark.slow
 def test_kept_clamp_is_one_clip_per_layer_and_no_batchnorm(tmp_path) -> None:
     converted = convert(trained_sample("digits_resnet"))
     report = export_onnx(converted, tmp_path / "m.onnx", [torch.randn(1, 1, 8, 8)])
@@ -154,7 +159,9 @@ def test_per_output_tolerances() -> None:
     candidate = [np.full(3, 0.01, np.float32), np.full(3, 0.01, np.float32)]
     checks = compare_outputs("b", reference, candidate, {"output[1]": 0.1, "*": 1e-4}, 0.0)
     assert [(c.passed, c.atol) for c in checks] == [(False, 1e-4), (True, 0.1)]
-    assert all(not c.passed and "outputs" in c.problem for c in compare_outputs("b", reference, candidate[:1], 1.0, 0.0))
+    assert all(
+        not c.passed and "outputs" in c.problem for c in compare_outputs("b", reference, candidate[:1], 1.0, 0.0)
+    )
 
 
 def test_clamp_audit_counts_cut_activations_and_the_output_change() -> None:
@@ -198,7 +205,12 @@ def test_unreadable_input_files_are_bad_input(tmp_path) -> None:
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "junk.pt").write_bytes(b"not a tensor file")
     torch.save({"a": 1}, tmp_path / "notensor.pt")
-    for name, message in [("objects.npy", "cannot read it"), ("junk.pt", "cannot read it"), ("missing.npy", "no such file"), ("notensor.pt", "not a tensor")]:
+    for name, message in [
+        ("objects.npy", "cannot read it"),
+        ("junk.pt", "cannot read it"),
+        ("missing.npy", "no such file"),
+        ("notensor.pt", "not a tensor"),
+    ]:
         with pytest.raises(BadInputError, match=message):
             load_input_file(tmp_path / name)
 

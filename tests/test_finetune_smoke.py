@@ -11,6 +11,8 @@ import torch
 
 from onorm_convert import OnlineNormBase
 
+pytestmark = pytest.mark.slow  # minutes of training or real processes: make test, not make test-fast
+
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -40,7 +42,9 @@ def test_every_model_is_pretrained_converted_and_fine_tuned_at_both_batch_sizes(
     runs = {(m["model"], r["variant"], r["batch"]): r for m in results["models"] for r in m["runs"]}
     assert runs["mlp", "BN", 1]["error"].startswith("step 1: ValueError")  # dense BatchNorm1d refuses batch 1
     assert all(r["error"] is None for (_, variant, _), r in runs.items() if variant == "ON")
-    assert {(t["model"], t["batch"]) for t in results["targets"]} == {(m, b) for m in finetune.MODELS for b in config.steps}
+    assert {(t["model"], t["batch"]) for t in results["targets"]} == {
+        (m, b) for m in finetune.MODELS for b in config.steps
+    }
 
     table = finetune.markdown_table(results)
     assert table.count("\n| strided_resnet |") == 3 and "NaN runs" in table  # two batch rows and the conversion row

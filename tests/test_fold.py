@@ -10,7 +10,6 @@ from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.errors import BadInputError
-from onorm_convert.shared import strip_clamps
 from onorm_convert.fold import (
     AFFINE,
     FOLDED,
@@ -22,6 +21,7 @@ from onorm_convert.fold import (
     fold_affine_weights,
     fold_with_report,
 )
+from onorm_convert.shared import strip_clamps
 
 TOL = 1e-5
 
@@ -45,7 +45,11 @@ def max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 
 def norm_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d))]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d))
+    ]
 
 
 CASES = {
@@ -129,7 +133,9 @@ def test_layer_scaling_is_kept_and_reported() -> None:
 
 def test_norm_without_foldable_producer_becomes_one_affine_op() -> None:
     torch.manual_seed(4)
-    model = nn.Sequential(randomized(OnlineNorm2d(3)), nn.Conv2d(3, 4, 3), nn.ReLU(), randomized(nn.BatchNorm2d(4), 1)).eval()
+    model = nn.Sequential(
+        randomized(OnlineNorm2d(3)), nn.Conv2d(3, 4, 3), nn.ReLU(), randomized(nn.BatchNorm2d(4), 1)
+    ).eval()
     folded, report = fold_with_report(model)
     assert [(s.norm, s.action) for s in report.steps] == [("0", AFFINE), ("3", AFFINE)]
     assert "placeholder" in report.steps[0].reason and "'2' (ReLU)" in report.steps[1].reason
@@ -234,7 +240,11 @@ def conv_stacks(draw):
         layers.append(conv_type(channels, out, 3, padding=1, groups=groups, bias=bias))
         kind = draw(st.sampled_from(["online", "batchnorm", "none"]))
         if kind == "online":
-            layers.append(randomized(OnlineNorm2d(out, ecm=draw(st.sampled_from(["clamp", "none", "layer_scaling"]))), len(layers)))
+            layers.append(
+                randomized(
+                    OnlineNorm2d(out, ecm=draw(st.sampled_from(["clamp", "none", "layer_scaling"]))), len(layers)
+                )
+            )
         elif kind == "batchnorm":
             layers.append(randomized(nn.BatchNorm2d(out), len(layers)))
         if draw(st.booleans()):
@@ -246,6 +256,7 @@ def conv_stacks(draw):
 
 @settings(max_examples=25, deadline=None)
 @given(stack=conv_stacks(), strip=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_fold_matches_eval_on_random_stacks(stack, strip: bool, seed: int) -> None:
     model, _ = stack
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_matches, layer_step, reference_of, reference_step
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS
+
+from conftest import assert_matches, layer_step, reference_of, reference_step
 
 pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
 
@@ -24,6 +25,8 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 FLOAT32_RTOL = 1e-5
 ACTIVATION_KEYS = ("out", "grad_x")
 ECMS = ("clamp", "layer_scaling", "none")
+
+
 def _layer(cls, channels, ecm="clamp"):
     """A layer with alphas far from 1 (three steps move the state visibly) and random affine parameters."""
     layer = cls(channels, alpha_fwd=0.9, alpha_bkw=0.8, ecm=ecm)
@@ -49,6 +52,7 @@ def _check_half_step(actual, expected, dtype, ecm, context):
 @pytest.mark.parametrize("ecm", ECMS)
 @pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=["bf16", "f16"])
 @pytest.mark.parametrize("cls, shape", [(OnlineNorm1d, (16, 3)), (OnlineNorm2d, (16, 3, 4, 4))], ids=["1d", "2d"])
+@pytest.mark.slow
 def test_half_precision_inputs(cls, shape, dtype, ecm):
     torch.manual_seed(0)
     layer = _layer(cls, shape[1], ecm)
@@ -82,7 +86,9 @@ def test_module_cast_to_half_keeps_float32_state(dtype):
 def test_cpu_autocast_bfloat16():
     """Under CPU autocast the conv hands the layer bfloat16; the layer keeps float32 state and matches."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _layer(OnlineNorm2d, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), _layer(OnlineNorm2d, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)
+    )
     norm = model[1]
     reference = reference_of(norm)
     seen = {}

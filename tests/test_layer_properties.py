@@ -18,10 +18,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
+from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 
 from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_kernels, reference_of, reference_step
-from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
+
+pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
 
 KINDS = {  # name: (layer class, number of spatial dims)
     "1d-dense": (OnlineNorm1d, 0),
@@ -277,4 +278,6 @@ def test_batch_1024_is_numerically_sound(sample_shape, native, alpha_fwd, alpha_
         assert_matches(actual, expected, 1e-10, "float64 batch 1024")
     else:
         factor = LOOP_FACTOR if dense and not native and alpha_bkw == 0.5 else 2
-        assert_no_worse_than_loop(actual, expected, reference_step(loop, x, grad_out), factor, 2e-6, "float32 batch 1024")
+        assert_no_worse_than_loop(
+            actual, expected, reference_step(loop, x, grad_out), factor, 2e-6, "float32 batch 1024"
+        )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS, native
+
 from conftest import native_kernels
 from reference import ReferenceOnlineNorm
 
@@ -54,7 +57,9 @@ def _reference_for(layer):
 @pytest.mark.parametrize("kind", list(SHAPES))
 @pytest.mark.parametrize("path", ["native", "scan"])
 def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, dtype):
-    torch.manual_seed(hash((kind, ecm, affine, batch)) % 2**31)
+    torch.manual_seed(
+        zlib.crc32(f"{kind}-{ecm}-{affine}-{batch}".encode())
+    )  # the same seed in every process, unlike hash()
     cls, sample_shape = SHAPES[kind]
     layer = _randomized_layer(cls, sample_shape[0], dtype, ecm=ecm, affine=affine)
     reference = _reference_for(layer)
@@ -81,7 +86,9 @@ def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, d
             checks.update(grad_weight=(layer.weight.grad, ref_grad_w), grad_bias=(layer.bias.grad, ref_grad_b))
         for name, (actual, expected) in checks.items():
             assert actual.dtype == dtype, name
-            torch.testing.assert_close(actual.double(), expected, **tol, msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(
+                actual.double(), expected, **tol, msg=lambda m, step=step, name=name: f"step {step} {name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("cls, bn_cls, shape", [
@@ -204,6 +211,7 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("compiled", ["native", "inductor"])
+@pytest.mark.slow
 def test_compiled_kernels_match_eager(monkeypatch, compiled, layout):
     """Compiled code computes what the eager ops compute: the native kernels, and the
     TorchInductor-fused scans (the same Python functions; used where the kernels cannot be built)."""

@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_matches, layer_step, native_kernels, reference_step, state_of
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, convert
 from onorm_convert.layers import OnlineNormStateError
 from onorm_convert.layers.functional import check_state
+
+from conftest import assert_matches, layer_step, native_kernels, reference_step, state_of
 from reference import ReferenceOnlineNorm
 
 ALPHA_FWD, ALPHA_BKW = 0.9, 0.8
@@ -45,7 +46,9 @@ def _layer(cls, channels, var_range=(0.5, 2.0), **options):
 def _reference(layer, clamp_value, control):
     state = [getattr(layer, name).detach().clone() for name in ("running_mean", "running_var", "u_ctrl", "v_ctrl")]
     params = [layer.weight.detach().clone(), layer.bias.detach().clone()]
-    return ReferenceOnlineNorm(*state, *params, ALPHA_FWD, ALPHA_BKW, layer.eps, layer.ecm, clamp_value, layer.ls_eps, control)
+    return ReferenceOnlineNorm(
+        *state, *params, ALPHA_FWD, ALPHA_BKW, layer.eps, layer.ecm, clamp_value, layer.ls_eps, control
+    )
 
 
 def _batch(shape, memory_format, scale=2.0):
@@ -116,7 +119,10 @@ def test_a_non_finite_input_raises_naming_the_layer_and_keeps_its_state(path, ba
     before = state_of(model[1])
     x = torch.randn(4, 2, 5, 5)
     x[2, 1, 0, 0] = bad
-    with native_kernels(path == "native"), pytest.raises(OnlineNormStateError, match=r"layer '1': running_mean became NaN/Inf"):
+    with (
+        native_kernels(path == "native"),
+        pytest.raises(OnlineNormStateError, match=r"layer '1': running_mean became NaN/Inf"),
+    ):
         model(x)
     for name, value in state_of(model[1]).items():
         assert torch.equal(value, before[name]), name
@@ -161,9 +167,13 @@ def test_the_stable_control_stays_bounded_where_the_exact_one_runs_away(path):
 def test_the_guard_stops_only_non_finite_state():
     """Finite states of any size go on (the doc's equations are exact there); NaN or Inf in any buffer stops."""
     check_state("x", {"u_ctrl": torch.zeros(2), "v_ctrl": torch.tensor([1.0, -1e38])}, forward=False)
-    check_state("x", {"running_mean": torch.tensor([1e300], dtype=torch.float64), "running_var": torch.ones(1)}, forward=True)
+    check_state(
+        "x", {"running_mean": torch.tensor([1e300], dtype=torch.float64), "running_var": torch.ones(1)}, forward=True
+    )
     for bad in (float("nan"), float("inf")):
         with pytest.raises(OnlineNormStateError, match=r"layer 'x': u_ctrl became NaN/Inf in a training backward pass"):
             check_state("x", {"u_ctrl": torch.tensor([0.0, bad]), "v_ctrl": torch.zeros(2)}, forward=False)
-        with pytest.raises(OnlineNormStateError, match=r"layer 'x': running_var became NaN/Inf in a training forward pass"):
+        with pytest.raises(
+            OnlineNormStateError, match=r"layer 'x': running_var became NaN/Inf in a training forward pass"
+        ):
             check_state("x", {"running_mean": torch.zeros(1), "running_var": torch.tensor([bad])}, forward=True)

@@ -113,7 +113,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, arch):
 
 def test_shape_mismatch_names_the_tensors(tmp_path, arch):
     torch.save(trained(arch, width=4).state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(BadInputError, match=r"shapes differ for 'fc.weight', .* \[4, 3\] in the file, \[6, 3\] in the model"):
+    with pytest.raises(
+        BadInputError, match=r"shapes differ for 'fc.weight', .* \[4, 3\] in the file, \[6, 3\] in the model"
+    ):
         read_model(tmp_path / "sd.pt", arch=f"{arch}:net", arch_kwargs={"width": 6})
 
 
@@ -137,7 +139,9 @@ def test_bad_arch(tmp_path, arch, spec, message):
 def test_pickled_module_needs_trust_and_names_both_ways(tmp_path, arch):
     model = trained(arch)
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(BadInputError, match=rf"pickled Python objects \(.*'{arch}.Net'.*pass --trust; otherwise .*--arch"):
+    with pytest.raises(
+        BadInputError, match=rf"pickled Python objects \(.*'{arch}.Net'.*pass --trust; otherwise .*--arch"
+    ):
         read_model(tmp_path / "whole.pt")
     loaded = read_model(tmp_path / "whole.pt", trust=True)
     assert loaded.format == PICKLED_MODULE and torch.equal(loaded.module.fc.weight, model.fc.weight)
@@ -171,9 +175,22 @@ def test_malicious_pickle_is_not_executed(tmp_path):
 
 def test_onorm_checkpoint_rebuilds_without_flags(tmp_path, arch):
     model = trained(arch, width=5)
-    options = {"ecm": "none", "clamp_value": 5.0, "alpha_fwd": 0.9, "alpha_bkw": 0.99, "include": [], "exclude": [], "frozen_bn": False}
+    options = {
+        "ecm": "none",
+        "clamp_value": 5.0,
+        "alpha_fwd": 0.9,
+        "alpha_bkw": 0.99,
+        "include": [],
+        "exclude": [],
+        "frozen_bn": False,
+    }
     converted = convert(model, **options)
-    write_checkpoint(tmp_path / "c.pt", make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion=options, input_shapes=[(2, 3)]))
+    write_checkpoint(
+        tmp_path / "c.pt",
+        make_checkpoint(
+            converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion=options, input_shapes=[(2, 3)]
+        ),
+    )
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert raw["format_version"] == FORMAT_VERSION and raw["conversion"] == options
     loaded = read_model(tmp_path / "c.pt")
@@ -195,7 +212,7 @@ def tiny() -> nn.Module:
     return nn.Sequential(nn.Linear(2, 2))
 
 
-def write_bad_input(kind: str, folder) -> "os.PathLike":
+def write_bad_input(kind: str, folder) -> os.PathLike:
     """A file (or folder) of the given bad kind; shared with the CLI tests."""
     path = folder / f"{kind}.pt"
     if kind == "missing":
@@ -205,7 +222,11 @@ def write_bad_input(kind: str, folder) -> "os.PathLike":
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "random_bytes":
-        path.write_bytes(torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+        path.write_bytes(
+            torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     elif kind == "text":
         path.write_text("epoch,loss\n1,0.5\n")
     elif kind == "truncated_zip":
@@ -213,7 +234,12 @@ def write_bad_input(kind: str, folder) -> "os.PathLike":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif kind == "onnx":
         path = folder / "model.onnx"
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
         onnx.save(helper.make_model(graph), path)
     elif kind == "torchscript":
         torch.jit.save(torch.jit.script(tiny()), path)
@@ -248,7 +274,12 @@ def test_bad_files_are_refused(tmp_path, kind):
 
 
 @pytest.mark.parametrize(
-    ("text", "message"), [("{bad", "not valid JSON"), ("[1, 2]", "expected a JSON object"), ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply")]
+    ("text", "message"),
+    [
+        ("{bad", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ],
 )
 def test_bad_arch_kwargs(text, message):
     with pytest.raises(BadInputError, match=message):
@@ -270,7 +301,9 @@ def test_bad_arch_kwargs(text, message):
 )
 def test_damaged_checkpoint_fields_are_bad_input(tmp_path, arch, field, value):
     converted = convert(trained(arch, width=5))
-    ckpt = make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"ecm": "clamp"}, input_shapes=[(2, 3)])
+    ckpt = make_checkpoint(
+        converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"ecm": "clamp"}, input_shapes=[(2, 3)]
+    )
     ckpt[field] = value
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(BadInputError, match=f"field '{field}' is missing or malformed|field '{field}' is malformed"):
@@ -297,7 +330,9 @@ def test_a_state_dict_with_a_value_that_is_not_a_tensor_is_named(tmp_path, arch)
 
 def test_a_factory_called_without_kwargs_does_not_say_fix_arch_kwargs(tmp_path, arch):
     torch.save(trained(arch).state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(BadInputError, match="calling it without arguments failed .*; pass --arch-kwargs if it needs arguments$"):
+    with pytest.raises(
+        BadInputError, match="calling it without arguments failed .*; pass --arch-kwargs if it needs arguments$"
+    ):
         read_model(tmp_path / "sd.pt", arch=f"{arch}:broken")
 
 
@@ -313,7 +348,9 @@ def test_complex_weights_in_a_state_dict_are_refused_not_cut_to_their_real_part(
 def test_a_version_1_checkpoint_gets_its_layout_from_its_state_dict(tmp_path, arch):
     model = trained(arch, width=5)
     converted = convert(model, alpha_fwd=0.9, ecm="none")
-    ckpt = make_checkpoint(converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"alpha_fwd": 0.9, "ecm": "none"})
+    ckpt = make_checkpoint(
+        converted, arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={"alpha_fwd": 0.9, "ecm": "none"}
+    )
     del ckpt["layers"]
     ckpt["format_version"] = 1
     torch.save(ckpt, tmp_path / "v1.pt")
@@ -327,5 +364,8 @@ def test_a_recorded_layer_where_the_model_has_no_norm_names_the_wrong_arch(tmp_p
     ckpt = make_checkpoint(convert(trained(arch, width=5)), arch=f"{arch}:net", arch_kwargs={"width": 5}, conversion={})
     ckpt["layers"] = {"fc": ckpt["layers"]["bn"]}
     torch.save(ckpt, tmp_path / "c.pt")
-    with pytest.raises(BadInputError, match="records an OnlineNorm at 'fc', where the model has a Linear; .* pass the --arch it was converted from"):
+    with pytest.raises(
+        BadInputError,
+        match="records an OnlineNorm at 'fc', where the model has a Linear; .* pass the --arch it was converted from",
+    ):
         read_model(tmp_path / "c.pt")

@@ -14,10 +14,11 @@ import time
 import pytest
 import torch
 
-from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_kernels, reference_of, reference_step
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS, native
 from onorm_convert.layers.kernels import use_native
+
+from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_kernels, reference_of, reference_step
 
 needs_compiler = pytest.mark.skipif(native.cxx_compiler() is None, reason="needs a C++ compiler")
 F32_RTOL = 2e-5  # as the property tests: well above float32 roundoff times a step's operations
@@ -175,6 +176,7 @@ def test_an_unwritable_cache_folder_is_reported(tmp_path, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_a_build_is_reused_from_the_cache(tmp_path):
     compiler = native.cxx_compiler()
     first = native.build(compiler, tmp_path)
@@ -217,6 +219,7 @@ def test_strided_parameters_give_what_the_scans_give():
     ("folder writable by others", "is writable by others"),
     ("library is a link", "is a symbolic link"),
 ])  # fmt: skip
+@pytest.mark.slow
 def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe, reason):
     """The cached library is code this process runs: refuse a folder or file someone else could have planted."""
     compiler = native.cxx_compiler()
@@ -233,6 +236,7 @@ def test_a_cache_others_could_write_is_never_loaded(tmp_path, unsafe, reason):
         native.build(compiler, cache)
 
 
+@pytest.mark.slow
 def test_a_compiler_without_openmp_builds_once_and_then_reuses_it(tmp_path):
     """The plain build is found in the cache without retrying the OpenMP one every time."""
     real = native.cxx_compiler()
@@ -254,6 +258,7 @@ def test_a_compiler_without_openmp_builds_once_and_then_reuses_it(tmp_path):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_inside_a_compiled_model_the_layer_traces_and_agrees():
     """torch.compile of a model cannot trace a foreign call: there the scans run, with the same results."""
     torch.manual_seed(0)
@@ -287,7 +292,9 @@ def test_no_home_folder_is_a_warning_not_a_crash(monkeypatch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["rows", "channels-last"])
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["rows", "channels-last"]
+)
 @pytest.mark.parametrize("seed", [14, 18, 23])
 def test_a_stream_far_from_its_starting_mean_loses_no_precision(seed, memory_format):
     """Data at 1e-3 +- 1e-3 meeting a stream whose mean starts near N(0, 1), alpha 0.5: x - mu_prev
@@ -326,6 +333,7 @@ def test_data_far_from_the_stream_mean_keeps_float64_precision(memory_format):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_a_new_build_prunes_month_old_builds_and_partial_files_only(tmp_path):
     """Old builds (earlier onorm versions) and leftovers of killed builds go; recent ones and strangers stay."""
     old, recent = time.time() - native.STALE_SECONDS - 60, time.time() - 60
@@ -339,4 +347,6 @@ def test_a_new_build_prunes_month_old_builds_and_partial_files_only(tmp_path):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (stamp, stamp))
     built = native.build(native.cxx_compiler(), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, "onorm_native_fedcba9876543210fedc.so", "notes.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [built.name, "onorm_native_fedcba9876543210fedc.so", "notes.txt"]
+    )

@@ -12,6 +12,8 @@ from torch import nn
 
 from onorm_convert import OnlineNormBase, convert
 
+pytestmark = pytest.mark.slow  # minutes of training or real processes: make test, not make test-fast
+
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -91,7 +93,10 @@ def test_train_step_benchmark_models_have_torchvision_sizes(benchmark):
 
 def test_train_step_benchmark_times_both_models(benchmark):
     bench = benchmark("bench_train_step")
-    for build in (lambda: bench.resnet18(num_classes=10, width=4), lambda: bench.mobilenet_v2(num_classes=10, width_divisor=16)):
+    for build in (
+        lambda: bench.resnet18(num_classes=10, width=4),
+        lambda: bench.mobilenet_v2(num_classes=10, width_divisor=16),
+    ):
         converted = convert(build())
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
         assert any(isinstance(m, OnlineNormBase) for m in converted.modules())

@@ -18,7 +18,7 @@ from torch import nn
 from onorm_convert import convert
 from onorm_convert.layers import STATE_BUFFERS, OnlineNormBase
 
-pytestmark = pytest.mark.usefixtures("eager_kernels", "one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("eager_kernels", "one_thread")]
 
 STEPS = 300
 LEARNING_RATE = 0.05

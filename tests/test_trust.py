@@ -55,7 +55,9 @@ def converted_mlp() -> torch.nn.Module:
 
 def crafted_checkpoint(path: Path, arch: str, arch_kwargs: dict, **fields) -> Path:
     """An onorm checkpoint as an attacker writes it: valid fields, its own arch, no (or a forged) signature."""
-    checkpoint = make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)])
+    checkpoint = make_checkpoint(
+        converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}, input_shapes=[(2, 64)]
+    )
     checkpoint.update(arch=arch, arch_kwargs=arch_kwargs, signature=None, **fields)
     torch.save(checkpoint, path)
     return path
@@ -90,7 +92,10 @@ def test_a_crafted_checkpoint_runs_no_factory_without_consent(tmp_path, command)
     report = json.loads(result.stdout)
     assert report["error"]["type"] == "BadInputError"
     message = report["error"]["message"]
-    assert "names its model code 'subprocess:run'" in message and "your onorm did not write it (it carries no signature)" in message
+    assert (
+        "names its model code 'subprocess:run'" in message
+        and "your onorm did not write it (it carries no signature)" in message
+    )
     assert "pass --arch 'subprocess:run'" in message and "pass --trust" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
 
@@ -113,7 +118,10 @@ def test_a_signature_made_with_another_key_is_not_trusted(tmp_path, own_key, mon
     monkeypatch.setenv("ONORM_CONFIG_DIR", str(own_key))
     with pytest.raises(BadInputError, match="your onorm did not write it \\(you have no signing key yet"):
         read_model(tmp_path / "theirs.pt")
-    write_checkpoint(tmp_path / "mine.pt", make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}))
+    write_checkpoint(
+        tmp_path / "mine.pt",
+        make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}),
+    )
     with pytest.raises(BadInputError, match="its signature does not match your key"):
         read_model(tmp_path / "theirs.pt")
     assert read_model(tmp_path / "mine.pt").info["code_consent"] == "signature"
@@ -154,7 +162,10 @@ def test_convert_signs_what_it_writes_and_export_takes_it_without_flags(tmp_path
 
 @pytest.mark.parametrize("unsafe", ["readable by others", "symbolic link"])
 def test_an_unsafe_key_signs_nothing_and_trusts_nothing(tmp_path, own_key, unsafe):
-    write_checkpoint(tmp_path / "signed.pt", make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}))
+    write_checkpoint(
+        tmp_path / "signed.pt",
+        make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"}),
+    )
     key = own_key / trust.KEY_NAME
     if unsafe == "readable by others":
         key.chmod(0o644)
@@ -163,7 +174,10 @@ def test_an_unsafe_key_signs_nothing_and_trusts_nothing(tmp_path, own_key, unsaf
         key.symlink_to(own_key / "elsewhere")
     with pytest.raises(BadInputError, match="signing key .* (is not a private file of yours|cannot be read)"):
         read_model(tmp_path / "signed.pt")
-    with pytest.warns(UnsignedCheckpointWarning, match="the checkpoint is not signed .* will need --arch sample_models.models:digits_mlp or --trust"):
+    with pytest.warns(
+        UnsignedCheckpointWarning,
+        match="the checkpoint is not signed .* will need --arch sample_models.models:digits_mlp or --trust",
+    ):
         checkpoint = make_checkpoint(converted_mlp(), arch=MLP_ARCH, arch_kwargs={}, conversion={"ecm": "clamp"})
     assert checkpoint["signature"] is None
 
@@ -188,12 +202,22 @@ def test_messages_about_recorded_fields_name_the_file_not_flags(tmp_path):
     path = crafted_checkpoint(tmp_path / "c.pt", MLP_ARCH, {}, conversion={"ecm": "clamp", "clamp_value": -1.0})
     result = onorm("inspect", path, "--trust")
     assert result.exit_code == 2
-    assert "c.pt: onorm checkpoint field 'conversion' is malformed: it holds clamp_value=-1.0, which must be positive" in result.stderr
+    assert (
+        "c.pt: onorm checkpoint field 'conversion' is malformed: it holds clamp_value=-1.0, which must be positive"
+        in result.stderr
+    )
     assert "--clamp-value" not in result.stderr
     path = crafted_checkpoint(tmp_path / "k.pt", MLP_ARCH, {"width": 3})
     result = onorm("inspect", path, "--trust")
-    assert result.exit_code == 2 and "the checkpoint's arch 'sample_models.models:digits_mlp': calling it with the checkpoint's arch_kwargs" in result.stderr
-    assert "pass --arch-kwargs to replace the checkpoint's arch_kwargs" in result.stderr and "fix --arch-kwargs" not in result.stderr
+    assert (
+        result.exit_code == 2
+        and "the checkpoint's arch 'sample_models.models:digits_mlp': calling it with the checkpoint's arch_kwargs"
+        in result.stderr
+    )
+    assert (
+        "pass --arch-kwargs to replace the checkpoint's arch_kwargs" in result.stderr
+        and "fix --arch-kwargs" not in result.stderr
+    )
 
 
 def test_an_empty_arch_is_no_consent(tmp_path):
@@ -230,13 +254,17 @@ def test_a_signed_checkpoint_beside_a_look_alike_module_is_not_trusted(tmp_path,
     elsewhere.mkdir()
     marker = tmp_path / "ran"
     name = planted_module(home, tmp_path / "benign")
-    (elsewhere / f"{name}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")  # same name, other code
+    (elsewhere / f"{name}.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+    )  # same name, other code
     monkeypatch.chdir(home)
     checkpoint = make_checkpoint(converted_mlp(), arch=f"{name}:factory", arch_kwargs={}, conversion={})
     assert checkpoint["arch_location"] == str(home / f"{name}.py") and name not in sys.modules
     torch.save(checkpoint, elsewhere / "mine.pt")
     monkeypatch.chdir(elsewhere)
-    with pytest.raises(BadInputError, match=f"its code would now be imported from '{elsewhere / name}.py', not from '{home / name}.py'"):
+    with pytest.raises(
+        BadInputError, match=f"its code would now be imported from '{elsewhere / name}.py', not from '{home / name}.py'"
+    ):
         read_model(elsewhere / "mine.pt")
     assert not marker.exists() and name not in sys.modules
 

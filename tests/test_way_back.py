@@ -71,7 +71,9 @@ def test_convert_inplace_keeps_the_optimizer_and_its_state_working():
     assert all(model.get_submodule(name).weight is bn_weights[name] for name in norms)
     before = {name: p.detach().clone() for name, p in bn_weights.items()}
     train_steps(model, optimizer, steps=2)
-    assert all(not torch.equal(before[name], p) for name, p in bn_weights.items()), "the optimizer did not move the OnlineNorm weights"
+    assert all(not torch.equal(before[name], p) for name, p in bn_weights.items()), (
+        "the optimizer did not move the OnlineNorm weights"
+    )
     assert all("momentum_buffer" in optimizer.state[p] for p in bn_weights.values())
 
 
@@ -80,9 +82,12 @@ def test_convert_as_a_copy_has_new_parameters_that_an_earlier_optimizer_does_not
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     converted = oc.convert(model)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not any(id(p) in held for p in converted.parameters())  # hence the documented rule: build it after converting
+    assert not any(
+        id(p) in held for p in converted.parameters()
+    )  # hence the documented rule: build it after converting
 
 
+@pytest.mark.slow
 def test_save_checkpoint_after_training_is_exact_and_export_takes_it_without_flags(tmp_path):
     model = oc.convert(trained_resnet(), inplace=True, alpha_fwd=0.99, alpha_bkw=0.9)
     train_steps(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
@@ -90,23 +95,39 @@ def test_save_checkpoint_after_training_is_exact_and_export_takes_it_without_fla
     loaded = read_model(tmp_path / "tuned.pt")
     assert loaded.info["conversion"]["alpha_fwd"] == 0.99 and loaded.info["code_consent"] == "signature"
     assert_same_model(model, loaded.module)
-    result = runner.invoke(app, ["export", str(tmp_path / "tuned.pt"), "--strip-clamp", "-o", str(tmp_path / "tuned.onnx")])
+    result = runner.invoke(
+        app, ["export", str(tmp_path / "tuned.pt"), "--strip-clamp", "-o", str(tmp_path / "tuned.onnx")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tuned.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_a_plain_state_dict_of_a_converted_model_loads_with_the_original_arch_and_says_it_used_the_defaults(tmp_path):
     model = oc.convert(trained_resnet(), inplace=True)
     train_steps(model, torch.optim.SGD(model.parameters(), lr=0.01))
     torch.save(model.state_dict(), tmp_path / "tuned_sd.pt")
-    with pytest.warns(LoadWarning, match="records no conversion options, so its .* OnlineNorm layers were rebuilt with the defaults .*save_checkpoint"):
+    with pytest.warns(
+        LoadWarning,
+        match="records no conversion options, so its .* OnlineNorm layers were rebuilt with the defaults .*save_checkpoint",
+    ):
         loaded = read_model(tmp_path / "tuned_sd.pt", arch=RESNET_ARCH)
     assert_same_model(model, loaded.module)
     assert {name for name, m in loaded.module.named_modules() if isinstance(m, oc.OnlineNormBase)} == {
         name for name, m in model.named_modules() if isinstance(m, oc.OnlineNormBase)
     }
     result = runner.invoke(
-        app, ["export", str(tmp_path / "tuned_sd.pt"), "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", str(tmp_path / "t.onnx")]
+        app,
+        [
+            "export",
+            str(tmp_path / "tuned_sd.pt"),
+            "--arch",
+            RESNET_ARCH,
+            "--input-shape",
+            "1,1,8,8",
+            "-o",
+            str(tmp_path / "t.onnx"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "onorm: warning:" in result.stderr and "rebuilt with the defaults" in result.stderr
@@ -120,7 +141,9 @@ def test_a_partly_converted_model_round_trips_with_its_batchnorms_kept(tmp_path)
     oc.save_checkpoint(model, tmp_path / "part.pt", arch=RESNET_ARCH)
     loaded = read_model(tmp_path / "part.pt").module
     assert {name: type(loaded.get_submodule(name)).__name__ for name in norms} == kinds
-    assert all(name in loaded.state_dict() for name, _ in model.named_buffers() if name.rpartition(".")[2] in STATE_BUFFERS)
+    assert all(
+        name in loaded.state_dict() for name, _ in model.named_buffers() if name.rpartition(".")[2] in STATE_BUFFERS
+    )
 
 
 def test_layers_with_different_options_come_back_with_their_own(tmp_path):

@@ -1,7 +1,10 @@
 """The ``onorm`` command line: a thin layer over the load/convert/fold/export/verify modules."""
 
-from . import convert_cmd, inspect_cmd  # noqa: F401 - registers `onorm convert` and `onorm inspect`
-from . import export_cmd  # noqa: F401 - registers `onorm export`
+from . import (  # noqa: F401 - registers `onorm convert` and `onorm inspect`
+    convert_cmd,
+    export_cmd,  # noqa: F401 - registers `onorm export`
+    inspect_cmd,
+)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -84,7 +84,9 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[s
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
 
 
-def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Console], tuple[int, dict[str, Any]]]) -> None:
+def run_command(
+    command: str, json_mode: bool, debug: bool, body: Callable[[Console], tuple[int, dict[str, Any]]]
+) -> None:
     """Run ``body(console) -> (exit_code, report)`` and exit with the pipeline contract.
 
     A failure prints one line on stderr (after the traceback, with --debug only), and a
@@ -96,7 +98,11 @@ def run_command(command: str, json_mode: bool, debug: bool, body: Callable[[Cons
             code, report = body(Console(json_mode, stdout))
         if RUN.stop is not None:  # a library caught the KeyboardInterrupt: the run still stops (it published nothing)
             raise RUN.stop
-        text = to_json({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2) if json_mode else None
+        text = (
+            to_json({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2)
+            if json_mode
+            else None
+        )
     except (KeyboardInterrupt, SystemExit, Exception) as err:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         # A stop signal explains whatever failed after it (an import it cut short says "cannot import").
         _fail(command, json_mode, debug, *failure(err if RUN.stop is None else RUN.stop))
@@ -179,9 +185,13 @@ def failure(err: BaseException) -> tuple[str, int, str]:
         return "interrupted; nothing was written", EXIT_INTERRUPTED, "KeyboardInterrupt"
     if isinstance(err, SystemExit):
         return (
-            f"the model's code called sys.exit({err.code!r}) while onorm built or ran the model; "
-            "a model may not end the program: remove that call"
-        ), EXIT_BAD_INPUT, kind
+            (
+                f"the model's code called sys.exit({err.code!r}) while onorm built or ran the model; "
+                "a model may not end the program: remove that call"
+            ),
+            EXIT_BAD_INPUT,
+            kind,
+        )
     if isinstance(err, OptionError):
         return err.as_flag(), err.exit_code, kind
     if isinstance(err, OnormError):
@@ -189,7 +199,11 @@ def failure(err: BaseException) -> tuple[str, int, str]:
     if isinstance(err, OSError):
         where = f"{quoted(err.filename)}: " if err.filename else ""
         return f"{where}{err.strerror or err}; check the path, its permissions and the free space", EXIT_BAD_INPUT, kind
-    return f"internal error: {kind}: {err} (this is a bug in onorm; rerun with --debug and report it)", EXIT_INTERNAL, kind
+    return (
+        f"internal error: {kind}: {err} (this is a bug in onorm; rerun with --debug and report it)",
+        EXIT_INTERNAL,
+        kind,
+    )
 
 
 def _interruption(err: BaseException | None) -> KeyboardInterrupt | None:
@@ -330,6 +344,8 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """Convert BatchNorm models to Online Normalization, and fold them back for deployment."""

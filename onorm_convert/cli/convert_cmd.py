@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
 
 from ..checkpoint import make_checkpoint
 from ..convert import ConversionWarning, LayerChange, convert_with_report
-from ..options import ConvertOptions
-from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError
+from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError, OptionError, quoted
 from ..files import check_output_path, write_atomically
-from ..inputs import random_inputs
+from ..inputs import fit_inputs, load_input_file, random_inputs
 from ..layers import normalize_ecm
 from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
-from ..verify import EXACT_RTOL, check_conversion
+from ..options import ConvertOptions
+from ..verify import EXACT_RTOL, check_conversion, clamp_audit, prediction_agreement
 from .app import Console, app, format_table, report_error, run_command, warnings_shown_on
 from .options import (
     ArchKwargsOpt,
@@ -24,6 +24,7 @@ from .options import (
     DebugOpt,
     ForceOpt,
     InputShapeOpt,
+    InputsOpt,
     JsonOpt,
     KeyOpt,
     ModelArg,
@@ -45,13 +46,49 @@ def convert(
     key: KeyOpt = None,
     trust: TrustOpt = False,
     ecm: Annotated[str, typer.Option("--ecm", help="Error compensation: clamp, layer-scaling or none.")] = "clamp",
-    clamp_value: Annotated[float, typer.Option("--clamp-value", help="Clamp bound c for --ecm clamp: each layer bounds z by max(|beta| + c*|gamma|), what |y| <= c implies.")] = ConvertOptions.clamp_value,
-    alpha_fwd: Annotated[float, typer.Option("--alpha-fwd", help="Forward (statistics) decay; the doc's 0.999 suits training from scratch.")] = ConvertOptions.alpha_fwd,
-    alpha_bkw: Annotated[float, typer.Option("--alpha-bkw", help="Backward (control) decay; the doc's 0.99 suits training from scratch.")] = ConvertOptions.alpha_bkw,
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="Convert only modules whose name matches this glob (repeatable).", show_default=False)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave modules whose name matches this glob (repeatable).", show_default=False)] = None,
-    frozen_bn: Annotated[bool, typer.Option("--frozen-bn", help="Also convert torchvision FrozenBatchNorm2d (made trainable).")] = False,
+    clamp_value: Annotated[
+        float,
+        typer.Option(
+            "--clamp-value",
+            help="Clamp bound c for --ecm clamp: each layer bounds z by max(|beta| + c*|gamma|), what |y| <= c implies.",
+        ),
+    ] = ConvertOptions.clamp_value,
+    alpha_fwd: Annotated[
+        float,
+        typer.Option("--alpha-fwd", help="Forward (statistics) decay; the doc's 0.999 suits training from scratch."),
+    ] = ConvertOptions.alpha_fwd,
+    alpha_bkw: Annotated[
+        float, typer.Option("--alpha-bkw", help="Backward (control) decay; the doc's 0.99 suits training from scratch.")
+    ] = ConvertOptions.alpha_bkw,
+    control: Annotated[
+        str,
+        typer.Option("--control", help="Backward control: stable (v's decay bounded) or exact (the doc's equations)."),
+    ] = ConvertOptions.control,
+    clamp_mode: Annotated[
+        str, typer.Option("--clamp-mode", help="affine: bound z by max(|beta| + c*|gamma|); fixed: by c (the doc's).")
+    ] = ConvertOptions.clamp_mode,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include", help="Convert only modules whose name matches this glob (repeatable).", show_default=False
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Leave modules whose name matches this glob (repeatable).", show_default=False),
+    ] = None,
+    frozen_bn: Annotated[
+        bool, typer.Option("--frozen-bn", help="Also convert torchvision FrozenBatchNorm2d (made trainable).")
+    ] = False,
     input_shape: InputShapeOpt = None,
+    inputs: InputsOpt = None,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement",
+            help="With --inputs: the least fraction of top-1 predictions that must stay the same (exit 1 below).",
+        ),
+    ] = 1.0,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
@@ -61,12 +98,19 @@ def convert(
     def body(console: Console) -> tuple[int, dict[str, Any]]:
         options = {
             "ecm": _ecm_name(ecm), "clamp_value": clamp_value, "alpha_fwd": alpha_fwd, "alpha_bkw": alpha_bkw,
+            "control": control, "clamp_mode": clamp_mode,
             "include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn,
         }  # fmt: skip
+        if not 0.0 <= min_agreement <= 1.0:
+            raise OptionError("min_agreement", min_agreement, "must be a fraction in [0, 1], e.g. 0.99")
         shapes = parse_input_shapes(input_shape)
         loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
-        destination = check_output_path(output or model.with_name(f"{model.stem}_onorm.pt"), [model], force)
-        shapes = shapes or loaded.input_shapes
+        sources = [model] if inputs is None else [model, inputs]
+        destination = check_output_path(output or model.with_name(f"{model.stem}_onorm.pt"), sources, force)
+        real = None if inputs is None else load_input_file(inputs)
+        shapes = shapes or loaded.input_shapes or ([tuple(t.shape) for t in real] if real else [])
+        if real is not None:
+            real = fit_inputs(real, shapes, f"--inputs {quoted(inputs)}")
         converted, changes = _convert(loaded, options, shapes, console)
         report: dict[str, Any] = {
             "input": str(model), "input_format": loaded.format, "output": str(destination), "options": options,
@@ -91,11 +135,48 @@ def convert(
         else:
             report["check"] = None
             console.warn("no --input-shape: the conversion was not checked on an example input")
+        if real is None:
+            report["agreement"] = None
+            if shapes:
+                console.warn(
+                    "only random inputs were checked; pass --inputs FILE to check the predictions on real data"
+                )
+        else:
+            failed = _check_on_real_inputs(console, loaded.module, converted, real, min_agreement, report)
+            if failed:
+                return EXIT_MISMATCH, report
         report["output_format"] = _write(loaded, converted, destination, options, shapes, replace=force)
         console.print(f"converted {report['converted']} of {len(changes)} normalization layers -> {destination}")
         return EXIT_OK, report
 
     run_command("convert", json_mode, debug, body)
+
+
+def _check_on_real_inputs(
+    console: Console, original, converted, real: list, min_agreement: float, report: dict[str, Any]
+) -> bool:
+    """Predictions and clamp activity on ``real``, into ``report``; True (with the error reported) below ``min_agreement``."""
+    agreement = prediction_agreement(original, converted, real)
+    audit = clamp_audit(converted, real)
+    report["agreement"] = {**agreement.to_dict(), "min_agreement": min_agreement, "clamp": audit.to_dict()["layers"]}
+    cut = ", ".join(f"{a.layer} {a.fraction:.3%}" for a in audit.layers if a.clipped) or "none"
+    if agreement.logits:
+        console.print(
+            f"on {agreement.samples} real inputs: {agreement.samples - agreement.changed} of {agreement.samples} top-1 predictions unchanged "
+            f"({agreement.agreement:.2%}); largest output change {agreement.max_abs_change:.3g}; clamp cuts: {cut}"
+        )
+    else:
+        console.print(
+            f"on {agreement.samples} real inputs: largest output change {agreement.max_abs_change:.3g} (no logits to compare); clamp cuts: {cut}"
+        )
+    if agreement.logits and agreement.agreement < min_agreement:
+        message = (
+            f"{agreement.changed} of {agreement.samples} predictions on the real inputs changed ({agreement.agreement:.2%} agree, "
+            f"--min-agreement {min_agreement:g}); nothing written; a larger --clamp-value (or --ecm none) keeps more of the original's outputs"
+        )
+        report["error"] = report_error("convert", message, "VerificationError")
+        return True
+    return False
 
 
 def _ecm_name(ecm: str) -> str:
@@ -117,7 +198,9 @@ def _convert(loaded: LoadedModel, options: dict[str, Any], shapes: list[tuple[in
     return converted, changes
 
 
-def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, options: dict, shapes: list, replace: bool) -> str:
+def _write(
+    loaded: LoadedModel, converted: torch.nn.Module, destination: Path, options: dict, shapes: list, replace: bool
+) -> str:
     """Save a pickled module for a pickled module, else the self-describing checkpoint; returns the format written.
 
     Without ``replace`` (--force) the file is published exclusively: one that another run wrote meanwhile is kept.
@@ -126,7 +209,9 @@ def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, o
         content, written = converted, PICKLED_MODULE
     else:
         conversion = loaded.info.get("conversion", options)  # a converted model keeps the options it was converted with
-        content = make_checkpoint(converted, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, conversion=conversion, input_shapes=shapes)
+        content = make_checkpoint(
+            converted, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, conversion=conversion, input_shapes=shapes
+        )
         written = ONORM_CHECKPOINT
     write_atomically(destination, lambda tmp: torch.save(content, tmp), replace=replace)
     return written
@@ -134,7 +219,13 @@ def _write(loaded: LoadedModel, converted: torch.nn.Module, destination: Path, o
 
 def _print_table(console: Console, changes: list[LayerChange]) -> None:
     rows = [
-        (c.name + (f" (= {', '.join(c.aliases)})" if c.aliases else ""), c.old_type, c.new_type or f"- ({c.note})", str(c.channels), c.stats)
+        (
+            c.name + (f" (= {', '.join(c.aliases)})" if c.aliases else ""),
+            c.old_type,
+            c.new_type or f"- ({c.note})",
+            str(c.channels),
+            c.stats,
+        )
         for c in changes
     ]
     for line in format_table(TABLE_COLUMNS, rows):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +17,7 @@ from .options import (
     DebugOpt,
     ForceOpt,
     InputShapeOpt,
+    InputsOpt,
     JsonOpt,
     KeyOpt,
     ModelArg,
@@ -37,18 +37,27 @@ AUDIT_COLUMNS = ("layer", "clamp", "activations cut", "fraction", "largest chang
 def export(
     model: ModelArg,
     output: OutputOpt = None,
-    strip_clamp: Annotated[bool, typer.Option("--strip-clamp", help="Remove OnlineNorm's activation clamp for inference.")] = False,
+    strip_clamp: Annotated[
+        bool, typer.Option("--strip-clamp", help="Remove OnlineNorm's activation clamp for inference.")
+    ] = False,
     input_shape: InputShapeOpt = None,
-    inputs: Annotated[
-        Optional[Path],
-        typer.Option("--inputs", help="Real inputs to verify on (.npy, .npz, or a torch.save'd tensor/list/dict).", show_default=False),
+    inputs: InputsOpt = None,
+    opset: Annotated[
+        int | None,
+        typer.Option("--opset", help="ONNX opset (18-23); the exporter's default if not given.", show_default=False),
     ] = None,
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (18-23); the exporter's default if not given.", show_default=False)] = None,
-    static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch size to the one in --input-shape.")] = False,
+    static_batch: Annotated[
+        bool, typer.Option("--static-batch", help="Fix the batch size to the one in --input-shape.")
+    ] = False,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance of the verification.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of the verification.")] = 1e-3,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime check (not recommended).")] = False,
-    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep a file that failed verification as NAME.verification-failed.EXT.")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the onnxruntime check (not recommended).")
+    ] = False,
+    keep_failed: Annotated[
+        bool,
+        typer.Option("--keep-failed", help="Keep a file that failed verification as NAME.verification-failed.EXT."),
+    ] = False,
     fmt: Annotated[str, typer.Option("--format", help="onnx, or torch for a torch.export program (.pt2).")] = ONNX,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -68,10 +77,16 @@ def export(
         loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         shapes = shapes or loaded.input_shapes
         if not shapes:
-            raise BadInputError(f"{quoted(model)}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224")
+            raise BadInputError(
+                f"{quoted(model)}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224"
+            )
         sources = [model] if inputs is None else [model, inputs]
         destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), sources, force)
-        real = None if inputs is None else fit_inputs(load_input_file(inputs), shapes, f"--inputs {quoted(inputs)}", static_batch)
+        real = (
+            None
+            if inputs is None
+            else fit_inputs(load_input_file(inputs), shapes, f"--inputs {quoted(inputs)}", static_batch)
+        )
         options = dict(
             strip_clamp=strip_clamp, dynamic_batch=not static_batch, verify=not no_verify, atol=atol, rtol=rtol,
             real_inputs=real, keep_failed=keep_failed, replace=force, progress=console.progress,
@@ -132,10 +147,15 @@ def show_report(console: Console, report: ExportReport) -> None:
     if report.clamp_audit is not None and not report.clamp_audit.layers:
         console.print("clamp audit: the model has no clamped OnlineNorm layer")
     elif report.clamp_audit is not None:
-        rows = [(a.layer, f"±{a.clamp_bound:g}", f"{a.clipped}/{a.activations}", f"{a.fraction:.4%}", f"{a.max_change:.3g}") for a in report.clamp_audit.layers]
+        rows = [
+            (a.layer, f"±{a.clamp_bound:g}", f"{a.clipped}/{a.activations}", f"{a.fraction:.4%}", f"{a.max_change:.3g}")
+            for a in report.clamp_audit.layers
+        ]
         console.print()
         for line in format_table(AUDIT_COLUMNS, rows):
             console.print(line)
-        console.print(f"clamp audit: stripping changes the outputs on the real inputs by at most {report.clamp_audit.max_output_change:.3g}")
+        console.print(
+            f"clamp audit: stripping changes the outputs on the real inputs by at most {report.clamp_audit.max_output_change:.3g}"
+        )
     for warning in report.warnings:
         console.warn(warning)

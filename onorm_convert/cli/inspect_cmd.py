@@ -9,7 +9,18 @@ from ..errors import EXIT_OK
 from ..fold import fold_with_report
 from ..inputs import random_inputs
 from .app import Console, app, format_table, run_command
-from .options import ArchKwargsOpt, ArchOpt, DebugOpt, InputShapeOpt, JsonOpt, KeyOpt, ModelArg, TrustOpt, load_for_cli, parse_input_shapes
+from .options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    DebugOpt,
+    InputShapeOpt,
+    JsonOpt,
+    KeyOpt,
+    ModelArg,
+    TrustOpt,
+    load_for_cli,
+    parse_input_shapes,
+)
 
 TABLE_COLUMNS = ("module", "type", "channels", "convert", "export")
 
@@ -37,15 +48,30 @@ def inspect(
         layers = []
         for change in changes:
             step = folds.get(change.name)
-            export = "-" if step is None else (f"fold into '{step.into}'" if step.into else f"{step.action}: {step.reason}")
+            export = (
+                "-" if step is None else (f"fold into '{step.into}'" if step.into else f"{step.action}: {step.reason}")
+            )
             layers.append({**change.to_dict(), "export": export})
         report = {
             "input": str(model), "input_format": loaded.format, "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs,
             "input_shapes": [list(s) for s in shapes], "info": loaded.info, "layers": layers,
             "parameters": sum(p.numel() for p in loaded.module.parameters()),
         }  # fmt: skip
-        console.print(f"{model}: {loaded.format}" + (f" built by {loaded.arch}" if loaded.arch else "") + f", {report['parameters']} parameters")
-        rows = [(layer["name"], layer["old_type"], str(layer["channels"]), f"-> {layer['new_type']}" if layer["new_type"] else f"keep ({layer['note']})", layer["export"]) for layer in layers]
+        console.print(
+            f"{model}: {loaded.format}"
+            + (f" built by {loaded.arch}" if loaded.arch else "")
+            + f", {report['parameters']} parameters"
+        )
+        rows = [
+            (
+                layer["name"],
+                layer["old_type"],
+                str(layer["channels"]),
+                f"-> {layer['new_type']}" if layer["new_type"] else f"keep ({layer['note']})",
+                layer["export"],
+            )
+            for layer in layers
+        ]
         for line in format_table(TABLE_COLUMNS, rows):
             console.print(line)
         if not layers:

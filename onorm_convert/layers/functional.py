@@ -81,7 +81,9 @@ class OnlineNormFunction(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name):
+    def forward(
+        ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name
+    ):
         dtype = stat_dtype(x, state.mean)
         x3 = _as_channels_by_positions(x, dtype)
         # Snapshots: the state is advanced below.
@@ -95,7 +97,9 @@ class OnlineNormFunction(torch.autograd.Function):
             z, mean_last, var_last = native.forward(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
             saved = (var0,)
         else:
-            z, mean_last, var_last, saved = kernel(forward_pass, x3)(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
+            z, mean_last, var_last, saved = kernel(forward_pass, x3)(
+                x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit
+            )
         check_state(name, {"running_mean": mean_last, "running_var": var_last}, forward=True)
         state.mean.copy_(mean_last)
         state.var.copy_(var_last)
@@ -119,7 +123,19 @@ class OnlineNormFunction(torch.autograd.Function):
         g3 = _as_channels_by_positions(grad_out, dtype)
         u0, v0 = state.u.to(dtype), state.v.to(dtype)
         if ctx.native:
-            args = (mean0, *saved, gamma, offset, u0, v0, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit, ctx.control == STABLE)
+            args = (
+                mean0,
+                *saved,
+                gamma,
+                offset,
+                u0,
+                v0,
+                ctx.alpha_fwd,
+                ctx.alpha_bkw,
+                ctx.eps,
+                ctx.limit,
+                ctx.control == STABLE,
+            )
             grads_and_state = native.backward(g3, x3, *args)
         else:
             args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit, ctx.control)
@@ -156,7 +172,10 @@ def _state_advice(forward: bool, control: str) -> str:
     cause = ("backward pass: the gradient holds NaN/Inf, or the control ran away and overflowed (the activations outgrew "
              "the running statistics until its decay 1 - (1 - alpha_bkw) * mean(y^2) fell below -1)")  # fmt: skip
     if control == EXACT:
-        return cause + "; use control='stable' (bounded decay), a smaller alpha_fwd (faster statistics) or a lower learning rate"
+        return (
+            cause
+            + "; use control='stable' (bounded decay), a smaller alpha_fwd (faster statistics) or a lower learning rate"
+        )
     return cause + "; use a smaller alpha_fwd (faster statistics) or a lower learning rate"
 
 
@@ -175,7 +194,9 @@ def forward_pass(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, l
     return z, mean_last, var_last, (drift_prev, inv_k, d, s)
 
 
-def backward_pass(g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float, control: str):
+def backward_pass(
+    g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float, control: str
+):
     """Training backward on ``(N, C, S)`` views: one function, fused when compiled.
 
     Returns ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
@@ -208,7 +229,9 @@ def forward_statistics(m, s, mean0, var0, alpha_fwd: float, eps: float):
     return drift_prev, mean0 + drift_last, var_last, torch.rsqrt(var_prev + eps), d
 
 
-def backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int, control: str = EXACT):
+def backward_statistics(
+    sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw: float, count: int, control: str = EXACT
+):
     """The backward recurrences, from the per-sample sums of ``gz`` and ``gz * (x - mu_prev)``.
 
     With ``g = gamma * gz`` (``gz``: the gradient at ``z`` where the clamp let it through),

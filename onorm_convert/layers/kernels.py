@@ -111,7 +111,10 @@ def _guarded(fn: Callable, compiled: Callable) -> Callable:
             if _compiled.get(fn) is False:
                 raise
             _compiled[fn] = False
-            warnings.warn(f"onorm: torch.compile failed for {fn.__name__} ({type(err).__name__}); using eager kernels", stacklevel=3)
+            warnings.warn(
+                f"onorm: torch.compile failed for {fn.__name__} ({type(err).__name__}); using eager kernels",
+                stacklevel=3,
+            )
             return fn(*args)
 
     return run

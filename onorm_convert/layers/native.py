@@ -42,11 +42,54 @@ _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
     "onorm_dense_forward": [_P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_dense_backward": [
+        _P,
+        _P,
+        _P,
+        _N,
+        _N,
+        _P,
+        _P,
+        _P,
+        _P,
+        _F,
+        _F,
+        _F,
+        _F,
+        ctypes.c_int,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+    ],
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_spatial_backward": [
+        _P,
+        _P,
+        _P,
+        _N,
+        _N,
+        _N,
+        _P,
+        _P,
+        _P,
+        _P,
+        _F,
+        _F,
+        _F,
+        _F,
+        ctypes.c_int,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+    ],
 }
-_SIGNATURES.update({name.replace("spatial", "channels_last"): types for name, types in _SIGNATURES.items() if "spatial" in name})
+_SIGNATURES.update(
+    {name.replace("spatial", "channels_last"): types for name, types in _SIGNATURES.items() if "spatial" in name}
+)
 
 
 def supports(x3: Tensor) -> bool:
@@ -57,10 +100,7 @@ def supports(x3: Tensor) -> bool:
     a model) the scans run instead: they trace, a foreign function call does not.
     """
     return (
-        x3.device.type == "cpu"
-        and x3.dtype in _TYPES
-        and not torch.compiler.is_compiling()
-        and library() is not None
+        x3.device.type == "cpu" and x3.dtype in _TYPES and not torch.compiler.is_compiling() and library() is not None
     )
 
 
@@ -145,7 +185,9 @@ def _call(name: str, *args) -> None:
     for arg in args:
         if isinstance(arg, Tensor):
             if arg.dtype != dtype or not arg.is_contiguous():
-                raise ValueError(f"{name}: a {arg.dtype} tensor of strides {arg.stride()} where contiguous {dtype} is needed")
+                raise ValueError(
+                    f"{name}: a {arg.dtype} tensor of strides {arg.stride()} where contiguous {dtype} is needed"
+                )
             pointers.append(arg.data_ptr())
         else:
             pointers.append(arg)
@@ -210,7 +252,13 @@ def build(compiler: str, cache_dir: Path) -> Path:
         fd, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache_dir)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True, errors="replace", timeout=300)
+            done = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", partial],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=300,
+            )
             if done.returncode == 0:
                 os.replace(partial, target)
                 _prune(cache_dir, keep=target)

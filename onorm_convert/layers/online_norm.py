@@ -6,7 +6,16 @@ import torch
 from torch import Tensor, nn
 
 from .functional import (
-    CLAMP, CONTROLS, ECMS, EXACT, LAYER_SCALING, NONE, OnlineNormFunction, StreamState, frozen_affine, layer_scale,
+    CLAMP,
+    CONTROLS,
+    ECMS,
+    EXACT,
+    LAYER_SCALING,
+    NONE,
+    OnlineNormFunction,
+    StreamState,
+    frozen_affine,
+    layer_scale,
 )  # fmt: skip
 
 STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
@@ -128,7 +137,9 @@ class OnlineNormBase(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if x.ndim not in self._ranks:
             ranks = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"{type(self).__name__} expects {ranks} input (N, C, ...); got {x.ndim}D input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects {ranks} input (N, C, ...); got {x.ndim}D input of shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels (input shape {tuple(x.shape)})"
@@ -158,7 +169,9 @@ class OnlineNormBase(nn.Module):
     def extra_repr(self) -> str:
         ecm = f"ecm={self.ecm!r}"
         if self.ecm == CLAMP:
-            ecm += f", clamp_value={self.clamp_value}" + (f", clamp_mode={self.clamp_mode!r}" if self.clamp_mode != FIXED else "")
+            ecm += f", clamp_value={self.clamp_value}" + (
+                f", clamp_mode={self.clamp_mode!r}" if self.clamp_mode != FIXED else ""
+            )
         control = f", control={self.control!r}" if self.control != EXACT else ""
         return (
             f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
