@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .errors import BadInputError
 from .inputs import random_inputs, run_model
-from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, normalize_ecm
+from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase
 from .options import ConvertOptions
 from .shared import check_model_values, eval_mode, non_finite_state, swap_modules
 
@@ -30,6 +31,7 @@ BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
     2: nn.BatchNorm2d,
     3: nn.BatchNorm3d,
 }
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 _BN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -103,39 +105,61 @@ def convert(
     frozen_bn: bool = False,
     example_shapes: Sequence[Sequence[int]] | None = None,
 ) -> nn.Module:
-    """``model`` with its BatchNorms replaced by OnlineNorms; see :func:`convert_with_report`."""
+    """``model`` with its BatchNorms replaced by OnlineNorms that start from what each BatchNorm learned.
+
+    Args:
+        model: any ``nn.Module``; with ``inplace=False`` (the default) it is left untouched.
+        ecm: error compensation: ``"clamp"``, ``"layer_scaling"`` (or ``"layer-scaling"``) or ``"none"``.
+        clamp_value: the clamp's c; with ``clamp_mode="affine"`` a layer bounds its output z by
+            ``max(|bias| + c * |weight|)``, what ``|y| <= c`` implies; with ``"fixed"`` by c itself.
+        alpha_fwd: the decay of the streaming statistics (the doc's 0.999 suits training from scratch;
+            the default, 0.99, lets a converted model train on at BatchNorm's learning rate).
+        alpha_bkw: the decay of the backward control processes (doc 0.99, default 0.9).
+        control: ``"stable"`` (v's decay kept in (0, 1]) or ``"exact"`` (the doc's equations).
+        clamp_mode: ``"affine"`` (keeps a trained model's outputs) or ``"fixed"`` (the doc's).
+        include, exclude: glob patterns over qualified module names; a shared module matches
+            through any of its names.
+        inplace: convert ``model`` itself. Its Parameter objects are kept, so an optimizer built
+            on it before converting (and any state loaded into it) goes on training the
+            converted model; a copy has new Parameters, so build the optimizer after converting.
+        frozen_bn: also convert torchvision's ``FrozenBatchNorm2d`` (its buffers become trainable).
+        example_shapes: input shapes to run random inputs through, to learn the dimension of
+            SyncBatchNorm layers (else it comes from the neighbouring layer).
+
+    Returns the converted model, in the training mode each layer had. Raises
+    :class:`~onorm_convert.errors.OptionError` for an option out of range and BadInputError
+    for a model that cannot be converted (lazy or damaged BatchNorms). Each layer left alone
+    is a :class:`ConversionWarning`; :func:`convert_with_report` also returns what was done.
+    """
+    options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
     return convert_with_report(
-        model, ecm=ecm, clamp_value=clamp_value, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw, control=control,
-        clamp_mode=clamp_mode, include=include, exclude=exclude, inplace=inplace, frozen_bn=frozen_bn,
+        model,
+        options,
+        include=include,
+        exclude=exclude,
+        inplace=inplace,
+        frozen_bn=frozen_bn,
         example_shapes=example_shapes,
-    )[0]  # fmt: skip
+    )[0]
 
 
 def convert_with_report(
     model: nn.Module,
+    options: ConvertOptions | None = None,
     *,
-    ecm: str | None = ConvertOptions.ecm,
-    clamp_value: float = ConvertOptions.clamp_value,
-    alpha_fwd: float = ConvertOptions.alpha_fwd,
-    alpha_bkw: float = ConvertOptions.alpha_bkw,
-    control: str = ConvertOptions.control,
-    clamp_mode: str = ConvertOptions.clamp_mode,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
     frozen_bn: bool = False,
     example_shapes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[nn.Module, list[LayerChange]]:
-    """Replace BatchNorm1d/2d/3d and SyncBatchNorm (and FrozenBatchNorm2d if ``frozen_bn``) by OnlineNorms.
+    """:func:`convert` with the layer settings as one :class:`ConvertOptions`, and a report.
 
-    ``include``/``exclude`` are glob patterns over qualified module names (a shared module
-    matches through any of its names). ``inplace=False`` converts a deep copy. SyncBatchNorm's
-    dimension comes from ``example_shapes`` (random inputs run through the model) or else
-    from the neighbouring layer. Returns the converted model and one :class:`LayerChange`
-    per normalization layer; emits a :class:`ConversionWarning` for each layer left alone,
-    each started from fresh statistics, and when there is nothing to convert.
+    Returns the converted model and one :class:`LayerChange` per normalization layer; emits
+    a :class:`ConversionWarning` for each layer left alone, each started from fresh
+    statistics, and when there is nothing to convert. ``options=None`` means the defaults.
     """
-    options = ConvertOptions(normalize_ecm(ecm), clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
+    options = options or ConvertOptions()
     _refuse_lazy(model)  # before copying: uninitialized parameters cannot be deep-copied
     if not inplace:
         model = copy.deepcopy(model)
@@ -143,6 +167,8 @@ def convert_with_report(
         model, include=include, exclude=exclude, frozen_bn=frozen_bn, example_shapes=example_shapes
     )
     check_model_values(model, "converting")
+    for pattern in unmatched_globs(model, include):
+        warnings.warn(f"--include {pattern!r} matches no module of the model", ConversionWarning, stacklevel=2)
     replacements = {}
     for change in changes:
         if change.new_type is None:
@@ -165,7 +191,7 @@ def convert_with_report(
             )
     if not replacements:
         warnings.warn(
-            "the model has no BatchNorm layer to convert; it is returned unchanged", ConversionWarning, stacklevel=2
+            f"{_nothing_converted(model, changes)}; it is returned unchanged", ConversionWarning, stacklevel=2
         )
     return swap_modules(model, replacements), changes
 
@@ -315,6 +341,28 @@ def _all_names(model: nn.Module) -> dict[nn.Module, list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(module, []).append(name or "<model>")
     return names
+
+
+def unmatched_globs(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """The glob ``patterns`` that match no qualified module name of ``model`` (a typo, or the wrong model)."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    return [p for p in patterns or [] if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+
+
+def _nothing_converted(model: nn.Module, changes: list[LayerChange]) -> str:
+    """Why nothing was converted, saying what normalization the model does have."""
+    batch_norms = [change for change in changes if not isinstance(change.module, OnlineNormBase)]
+    if batch_norms:
+        return f"none of its {len(batch_norms)} BatchNorm layers was converted ({batch_norms[0].note}{', ...' if len(batch_norms) > 1 else ''})"
+    if changes:
+        return f"the model has no BatchNorm layer to convert (its {len(changes)} normalization layers are OnlineNorm already)"
+    found = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _OTHER_NORMS))
+    others = (
+        f": found {', '.join(f'{name} x{count}' for name, count in sorted(found.items()))}; onorm converts BatchNorm"
+        if found
+        else ""
+    )
+    return f"the model has no BatchNorm layer to convert{others}"
 
 
 def _is_normalization(module: nn.Module) -> bool:

@@ -56,7 +56,8 @@ class OptionError(BadInputError):
 
     def as_flag(self) -> str:
         """The message as a command line user reads it: ``--clamp-value -1.0: must be positive``."""
-        return f"--{self.option.replace('_', '-')} {self.value}: {self.requirement}"
+        value = repr(self.value) if isinstance(self.value, str) else self.value
+        return f"--{self.option.replace('_', '-')} {value}: {self.requirement}"
 
 
 class VerificationError(OnormError):

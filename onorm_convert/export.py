@@ -1,9 +1,10 @@
 """Fold, export and verify: a deployment artifact that provably computes what the model computes.
 
 The pipeline: :func:`~onorm_convert.fold.fold_with_report` (normalization folded into the
-producers, the clamp kept or stripped), ``torch.onnx.export`` (the torch.export-based
-exporter, batch axis dynamic by default), ``onnx.checker``, then onnxruntime against the
-PyTorch model in eval mode (clamp stripped from it too when stripped from the export).
+producers, the clamp kept or stripped), the format's exporter (:data:`EXPORTERS`: ONNX through
+``torch.onnx.export`` and ``onnx.checker``, or a ``torch.export`` program; batch axis dynamic by
+default), then the written file, loaded as its runtime loads it, against the PyTorch model in
+eval mode (clamp stripped from it too when stripped from the export).
 The file is written to a temp file beside the destination and reaches the destination
 only once it verified; on a mismatch it is removed, or kept under a clearly failed name.
 """
@@ -18,10 +19,12 @@ import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +33,7 @@ from .errors import BadInputError, VerificationError, first_line, quoted
 from .files import publish, staged_file
 from .fold import FoldReport, fold_with_report
 from .inputs import run_model
+from .options import ExportOptions
 from .shared import check_model_values, check_returns_tensors, strip_clamps
 from .verify import (
     ClampAuditReport,
@@ -37,15 +41,23 @@ from .verify import (
     VerifyReport,
     clamp_audit,
     flatten_outputs,
+    onnxruntime_runner,
     verification_batches,
-    verify_onnx,
     verify_outputs,
 )
 
-MIN_OPSET = 18  # the exporter's own operator library starts here; lower needs a lossy version conversion
-MAX_OPSET = 23  # the highest the installed torch exporter targets (torch.onnx._constants.ONNX_MAX_OPSET)
-ONNX, TORCH = "onnx", "torch"
 FAILED_SUFFIX = ".verification-failed"
+Runner = Callable[[Sequence[Tensor]], list]  # runs the written file on one batch: its outputs, flattened
+
+
+class Format(str, Enum):
+    """The formats :func:`export_model` writes; each value is the CLI's ``--format`` and the report's ``format``."""
+
+    ONNX = "onnx"
+    TORCH = "torch"
+
+    def __str__(self) -> str:
+        return self.value  # "onnx", not "Format.ONNX", in str() and (from Python 3.12) f-strings
 
 
 @dataclass
@@ -53,7 +65,7 @@ class ExportReport:
     """What :func:`export_onnx` / :func:`export_torch` did, step by step, with the figures."""
 
     path: str | None  # the published file; None when nothing was published
-    format: str  # "onnx" | "torch"
+    format: Format
     opset: int | None
     dynamic_batch: bool
     strip_clamp: bool
@@ -91,14 +103,6 @@ class ExportMismatchError(VerificationError):
     def __init__(self, message: str, report: ExportReport) -> None:
         super().__init__(message)
         self.report = report
-
-
-def check_opset(opset: int | None) -> None:
-    """Refuse an opset the exporter cannot target."""
-    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
-        raise BadInputError(
-            f"--opset {opset}: out of range; choose {MIN_OPSET} to {MAX_OPSET} (or leave it out for the default)"
-        )
 
 
 def failed_path(destination: Path) -> Path:
@@ -164,6 +168,118 @@ def to_onnx_proto(model: nn.Module, example_inputs: Sequence[Tensor], *, opset: 
         ) from err
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """What writing the file revealed: the ONNX opset and op counts (None and empty for other formats)."""
+
+    opset: int | None = None
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+class Exporter(Protocol):
+    """One format: how :func:`export_model` writes the folded model and loads the file to verify it."""
+
+    suffix: str  # the destination's usual suffix, e.g. ".onnx"
+
+    def describe(self, options: ExportOptions) -> str:
+        """What is written, for the progress line: ``exporting to <this>``."""
+        ...
+
+    def write(
+        self, model: nn.Module, example_inputs: Sequence[Tensor], path: Path, options: ExportOptions
+    ) -> WrittenFile:
+        """Export ``model`` (folded, eval mode) to ``path``; an unexportable model is a BadInputError."""
+        ...
+
+    def runner(self, path: Path) -> tuple[Runner, str]:
+        """A function running the file at ``path`` as its runtime would, and a description of that runtime."""
+        ...
+
+
+class OnnxExporter:
+    """ONNX through ``torch.onnx.export``, checked by ``onnx.checker``, run on onnxruntime (CPU)."""
+
+    suffix = ".onnx"
+
+    def describe(self, options: ExportOptions) -> str:
+        return f"ONNX (opset {options.opset or 'default'}, {_batch_kind(options)} batch)"
+
+    def write(
+        self, model: nn.Module, example_inputs: Sequence[Tensor], path: Path, options: ExportOptions
+    ) -> WrittenFile:
+        program = to_onnx_proto(model, example_inputs, opset=options.opset, dynamic_batch=options.dynamic_batch)
+        program.save(str(path), external_data=False)
+        written = WrittenFile(_default_opset(program.model_proto), op_type_counts(program.model_proto))
+        _check_onnx(path)
+        return written
+
+    def runner(self, path: Path) -> tuple[Runner, str]:
+        return onnxruntime_runner(path)
+
+
+class TorchProgramExporter:
+    """A ``torch.export`` program (``.pt2``), run as ``torch.export.load`` gives it back (no unpickling)."""
+
+    suffix = ".pt2"
+
+    def describe(self, options: ExportOptions) -> str:
+        return f"a torch.export program ({_batch_kind(options)} batch)"
+
+    def write(
+        self, model: nn.Module, example_inputs: Sequence[Tensor], path: Path, options: ExportOptions
+    ) -> WrittenFile:
+        dynamic_shapes = dynamic_batch_shapes(example_inputs) if options.dynamic_batch else None
+        try:
+            # As torch.onnx.export does: a batch of 1 in the example must not specialize the batch dim.
+            with _quiet_exporter(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
+            hint = "; if the model fixes its batch size, retry with --static-batch" if options.dynamic_batch else ""
+            raise BadInputError(
+                f"torch.export failed: {first_line(err)}{hint} (rerun with --debug for details)"
+            ) from err
+        buffer = io.BytesIO()  # torch.export.save insists on a ".pt2" name; the staged file is ".pt2.tmp"
+        torch.export.save(program, buffer)
+        path.write_bytes(buffer.getvalue())
+        return WrittenFile()
+
+    def runner(self, path: Path) -> tuple[Runner, str]:
+        """Loaded at the first run, so a program that does not load fails verification like a wrong output."""
+        loaded: list[nn.Module] = []
+
+        def run(inputs: Sequence[Tensor]) -> list:
+            if not loaded:
+                loaded.append(torch.export.load(io.BytesIO(path.read_bytes())).module())
+            with torch.no_grad():
+                return [value for _, value in flatten_outputs(loaded[0](*inputs))]
+
+        return run, f"torch.export program (torch {torch.__version__})"
+
+
+# The one table of formats: the library exports through it, the CLI takes its suffixes from it.
+EXPORTERS: Mapping[Format, Exporter] = MappingProxyType(
+    {Format.ONNX: OnnxExporter(), Format.TORCH: TorchProgramExporter()}
+)
+
+
+def _batch_kind(options: ExportOptions) -> str:
+    return "dynamic" if options.dynamic_batch else "static"
+
+
+def _default_opset(model_proto: Any) -> int | None:
+    return next((entry.version for entry in model_proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+
+
+def _check_onnx(path: Path) -> None:
+    """``onnx.checker`` on the written file; a failure is an exporter bug, reported as a failed verification."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        raise VerificationError(f"the exported ONNX model fails onnx.checker: {first_line(err)}") from err
+
+
 def _reference(model: nn.Module, strip_clamp: bool) -> nn.Module:
     """The eval-mode PyTorch model the export must match (clamp stripped when it is stripped from the export)."""
     return strip_clamps(model) if strip_clamp else copy.deepcopy(model).eval()
@@ -209,10 +325,12 @@ def export_onnx(
         path: the destination; written (replaced) only once the export verified.
         example_inputs: one tensor per model input; their shapes are the declared shapes.
         strip_clamp: remove OnlineNorm's activation clamp (from the export and the reference).
-        opset: ONNX opset, :data:`MIN_OPSET` to :data:`MAX_OPSET`; None for the exporter's default.
+        opset: ONNX opset, :data:`~onorm_convert.options.MIN_OPSET` to
+            :data:`~onorm_convert.options.MAX_OPSET`; None for the exporter's default.
         dynamic_batch: make dim 0 of every input dynamic.
         verify: compare with onnxruntime; when False the file is published unverified.
-        atol, rtol: tolerances, one for all outputs or a dict per output label (``"*"`` the default).
+        atol, rtol: tolerances, finite and >= 0: one for all outputs or a dict per output label
+            (``"*"`` the default).
         real_inputs: real inputs to verify on too (any batch size); with ``strip_clamp`` they feed the clamp audit.
         keep_failed: keep a file that failed verification as ``NAME.verification-failed.onnx``.
         replace: replace a file at ``path``; when False, a file there (even one that appeared while
@@ -220,25 +338,15 @@ def export_onnx(
         progress: called with a short line before each step.
 
     Returns:
-        The :class:`ExportReport`. Raises :class:`ExportMismatchError` (exit 1) on a mismatch
-        and :class:`~onorm_convert.errors.BadInputError` (exit 2) for unusable inputs.
+        The :class:`ExportReport`. Raises :class:`ExportMismatchError` (exit 1) on a mismatch,
+        :class:`~onorm_convert.errors.OptionError` for an out-of-range option and
+        :class:`~onorm_convert.errors.BadInputError` (exit 2, both) for unusable inputs.
     """
-    return _export(
-        ONNX,
-        model,
-        Path(path),
-        example_inputs,
-        strip_clamp,
-        opset,
-        dynamic_batch,
-        verify,
-        atol,
-        rtol,
-        real_inputs,
-        keep_failed,
-        replace,
-        progress,
-    )
+    options = ExportOptions(
+        strip_clamp=strip_clamp, opset=opset, dynamic_batch=dynamic_batch, verify=verify,
+        atol=atol, rtol=rtol, keep_failed=keep_failed, replace=replace,
+    )  # fmt: skip
+    return export_model(Format.ONNX, model, path, example_inputs, options, real_inputs=real_inputs, progress=progress)
 
 
 def export_torch(
@@ -256,99 +364,97 @@ def export_torch(
     replace: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
-    """Like :func:`export_onnx`, but writes the folded model as a ``torch.export`` program (``.pt2``).
+    """Fold ``model``, write it as a ``torch.export`` program (``.pt2``) at ``path`` and verify the reloaded program.
 
-    It loads with ``torch.export.load`` (no unpickling) for runtimes other than ONNX;
-    verification runs the reloaded program against the PyTorch model.
+    The program loads with ``torch.export.load`` (no unpickling), for runtimes other than ONNX.
+
+    Args:
+        model: the PyTorch model; never modified.
+        path: the destination; written (replaced) only once the export verified.
+        example_inputs: one tensor per model input; their shapes are the declared shapes.
+        strip_clamp: remove OnlineNorm's activation clamp (from the export and the reference).
+        dynamic_batch: make dim 0 of every input dynamic.
+        verify: run the reloaded program against the PyTorch model; when False the file is published unverified.
+        atol, rtol: tolerances, finite and >= 0: one for all outputs or a dict per output label
+            (``"*"`` the default).
+        real_inputs: real inputs to verify on too (any batch size); with ``strip_clamp`` they feed the clamp audit.
+        keep_failed: keep a file that failed verification as ``NAME.verification-failed.pt2``.
+        replace: replace a file at ``path``; when False, a file there (even one that appeared while
+            exporting) is left alone and the export fails with BadInputError.
+        progress: called with a short line before each step.
+
+    Returns:
+        The :class:`ExportReport`; raises as :func:`export_onnx` does.
     """
-    return _export(
-        TORCH,
-        model,
-        Path(path),
-        example_inputs,
-        strip_clamp,
-        None,
-        dynamic_batch,
-        verify,
-        atol,
-        rtol,
-        real_inputs,
-        keep_failed,
-        replace,
-        progress,
-    )
+    options = ExportOptions(
+        strip_clamp=strip_clamp, dynamic_batch=dynamic_batch, verify=verify,
+        atol=atol, rtol=rtol, keep_failed=keep_failed, replace=replace,
+    )  # fmt: skip
+    return export_model(Format.TORCH, model, path, example_inputs, options, real_inputs=real_inputs, progress=progress)
 
 
-def _export(
-    fmt: str,
+def export_model(
+    fmt: Format,
     model: nn.Module,
-    destination: Path,
+    path: Path | str,
     example_inputs: Sequence[Tensor],
-    strip_clamp: bool,
-    opset: int | None,
-    dynamic_batch: bool,
-    verify: bool,
-    atol: Tolerance,
-    rtol: Tolerance,
-    real_inputs: Sequence[Tensor] | None,
-    keep_failed: bool,
-    replace: bool,
-    progress: Callable[[str], None] | None,
+    options: ExportOptions,
+    *,
+    real_inputs: Sequence[Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
+    """Fold ``model``, export it in format ``fmt`` at ``path`` and verify the written file.
+
+    What :func:`export_onnx` and :func:`export_torch` do, with the format and the (already
+    checked) options as values; their docstrings describe the arguments.
+    """
     say = progress or (lambda text: None)
-    check_opset(opset)
+    exporter = EXPORTERS[fmt]
+    destination = Path(path)
     example_inputs = list(example_inputs)
     shapes = [tuple(t.shape) for t in example_inputs]
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
     say("folding normalization layers")
-    reference = _reference(model, strip_clamp)
+    reference = _reference(model, options.strip_clamp)
     check_returns_tensors(
         run_model(reference, example_inputs)
     )  # fails early, naming the layer, when the model rejects the inputs
-    folded, fold_report = fold_with_report(model, strip_clamp=strip_clamp, example_inputs=example_inputs)
+    folded, fold_report = fold_with_report(model, strip_clamp=options.strip_clamp, example_inputs=example_inputs)
     check_model_values(model, "exporting")  # what verification cannot see: --no-verify would publish it
     seconds["fold"] = time.perf_counter() - start
-    report = ExportReport(None, fmt, opset, dynamic_batch, strip_clamp, fold_report, shapes, seconds=seconds)
+    report = ExportReport(
+        None, fmt, None, options.dynamic_batch, options.strip_clamp, fold_report, shapes, seconds=seconds
+    )
     if not fold_report.traced:
         report.warnings.append(f"normalization layers were not folded into their producers: {fold_report.trace_error}")
 
     with staged_file(destination, suffix=destination.suffix) as staged:
         start = time.perf_counter()
-        if fmt == ONNX:
-            say(f"exporting to ONNX (opset {opset or 'default'}, {'dynamic' if dynamic_batch else 'static'} batch)")
-            program = to_onnx_proto(folded, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
-            program.save(str(staged), external_data=False)
-            report.op_counts = op_type_counts(program.model_proto)
-            report.opset = _default_opset(program.model_proto)
-            _check_onnx(staged)
-        else:
-            say(f"exporting to a torch.export program ({'dynamic' if dynamic_batch else 'static'} batch)")
-            _save_torch_program(folded, example_inputs, staged, dynamic_batch)
+        say(f"exporting to {exporter.describe(options)}")
+        written = exporter.write(folded, example_inputs, staged, options)
+        report.opset, report.op_counts = written.opset, written.op_counts
         seconds["export"] = time.perf_counter() - start
 
-        if verify:
+        if options.verify:
             start = time.perf_counter()
             say("verifying against the PyTorch model")
-            batches = verification_batches(shapes, dynamic_batch=dynamic_batch, real_inputs=real_inputs)
-            if fmt == ONNX:
-                report.verification = verify_onnx(staged, reference, batches, atol=atol, rtol=rtol)
-            else:
-                run, runtime = _torch_program_runner(staged)
-                report.verification = verify_outputs(reference, run, runtime, batches, atol=atol, rtol=rtol)
+            batches = verification_batches(shapes, dynamic_batch=options.dynamic_batch, real_inputs=real_inputs)
+            run, runtime = exporter.runner(staged)
+            report.verification = verify_outputs(reference, run, runtime, batches, atol=options.atol, rtol=options.rtol)
             seconds["verify"] = time.perf_counter() - start
         else:
             report.warnings.append(
                 "verification skipped (--no-verify): the exported model was not compared with PyTorch"
             )
 
-        if strip_clamp and real_inputs is not None:
+        if options.strip_clamp and real_inputs is not None:
             say("auditing the stripped clamps on the real inputs")
             report.clamp_audit = clamp_audit(model, real_inputs)
             if not report.clamp_audit.clean:
                 report.warnings.append(_clamp_warning(report.clamp_audit))
-        return _finish(staged, destination, report, keep_failed, replace)
+        return _finish(staged, destination, report, options.keep_failed, options.replace)
 
 
 def _clamp_warning(audit: ClampAuditReport) -> str:
@@ -359,45 +465,3 @@ def _clamp_warning(audit: ClampAuditReport) -> str:
     return f"stripping the clamp changes outputs on the real inputs by up to {audit.max_output_change:.3g}" + (
         f"; activations the clamp would cut: {layers}" if cut else ""
     )
-
-
-def _default_opset(model_proto: Any) -> int | None:
-    return next((entry.version for entry in model_proto.opset_import if entry.domain in ("", "ai.onnx")), None)
-
-
-def _check_onnx(path: Path) -> None:
-    """``onnx.checker`` on the written file; a failure is an exporter bug, reported as a failed verification."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as err:
-        raise VerificationError(f"the exported ONNX model fails onnx.checker: {first_line(err)}") from err
-
-
-def _save_torch_program(model: nn.Module, example_inputs: Sequence[Tensor], path: Path, dynamic_batch: bool) -> None:
-    dynamic_shapes = dynamic_batch_shapes(example_inputs) if dynamic_batch else None
-    try:
-        # As torch.onnx.export does: a batch of 1 in the example must not specialize the batch dim.
-        with _quiet_exporter(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    except Exception as err:  # noqa: BLE001 - an unexportable model is reported in one line
-        hint = "; if the model fixes its batch size, retry with --static-batch" if dynamic_batch else ""
-        raise BadInputError(f"torch.export failed: {first_line(err)}{hint} (rerun with --debug for details)") from err
-    buffer = io.BytesIO()  # torch.export.save insists on a ".pt2" name; the staged file is ".pt2.tmp"
-    torch.export.save(program, buffer)
-    path.write_bytes(buffer.getvalue())
-
-
-def _torch_program_runner(path: Path) -> tuple[Callable[[Sequence[Tensor]], list], str]:
-    """Run the saved program at ``path`` as a fresh load would (no unpickling); loaded at the first run,
-    so a program that does not load fails verification like a wrong output."""
-    loaded: list[nn.Module] = []
-
-    def run(inputs: Sequence[Tensor]) -> list:
-        if not loaded:
-            loaded.append(torch.export.load(io.BytesIO(path.read_bytes())).module())
-        with torch.no_grad():
-            return [value for _, value in flatten_outputs(loaded[0](*inputs))]
-
-    return run, f"torch.export program (torch {torch.__version__})"

@@ -17,6 +17,7 @@ import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -33,7 +34,16 @@ from .shared import non_finite_state
 NORM_TYPES = (OnlineNormBase, _BatchNorm)
 PRODUCER_TYPES = (_ConvNd, nn.Linear)
 
-FOLDED, AFFINE, KEPT = "folded", "affine", "kept"
+
+class FoldAction(str, Enum):
+    """What folding did with one normalization layer; the values are what reports and JSON show."""
+
+    FOLDED = "folded"  # into its producer's weight and bias
+    AFFINE = "affine"  # replaced by a standalone per-channel op (no producer it could fold into)
+    KEPT = "kept"  # left unchanged (it is not a fixed affine map)
+
+    def __str__(self) -> str:
+        return self.value  # "folded", not "FoldAction.FOLDED", in str() and (from Python 3.12) f-strings
 
 
 class ChannelAffine(nn.Module):
@@ -86,7 +96,7 @@ class FoldStep:
 
     norm: str  # qualified name of the layer in the model
     kind: str  # its class, e.g. "OnlineNorm2d"
-    action: str  # "folded" into `into`, "affine" (standalone per-channel op) or "kept" unchanged
+    action: FoldAction  # FOLDED into `into`, AFFINE or KEPT
     into: str | None  # the producer it was folded into
     ecm: str  # what is left of its error compensation
     reason: str  # why it was not folded ("" when it was)
@@ -101,7 +111,7 @@ class FoldReport:
     trace_error: str | None
     steps: list[FoldStep] = field(default_factory=list)
 
-    def count(self, action: str) -> int:
+    def count(self, action: FoldAction | str) -> int:
         """How many layers had ``action``."""
         return sum(step.action == action for step in self.steps)
 
@@ -304,14 +314,14 @@ def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[str, int]) ->
         seen.add(node.target)
         norm, name, kind = modules[node.target], node.target, type(modules[node.target]).__name__
         if (reason := unfoldable_reason(norm)) is not None:
-            steps.append(FoldStep(name, kind, KEPT, None, "none", reason))
+            steps.append(FoldStep(name, kind, FoldAction.KEPT, None, "none", reason))
             continue
         scale, shift = checked_affine(name, norm)
         ecm, ecm_text = ecm_module(norm, strip_clamp)
         producer_node, reason = _producer_or_reason(node, modules, calls, shared, ranks)
         if producer_node is None:
             _set_submodule(gm, name, standalone_module(scale, shift, ecm))
-            steps.append(FoldStep(name, kind, AFFINE, None, ecm_text, reason))
+            steps.append(FoldStep(name, kind, FoldAction.AFFINE, None, ecm_text, reason))
             continue
         fold_into_producer(modules[producer_node.target], scale, shift)
         if ecm is None:
@@ -319,7 +329,7 @@ def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[str, int]) ->
             gm.graph.erase_node(node)
         else:
             _set_submodule(gm, name, ecm)
-        steps.append(FoldStep(name, kind, FOLDED, producer_node.target, ecm_text, ""))
+        steps.append(FoldStep(name, kind, FoldAction.FOLDED, producer_node.target, ecm_text, ""))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -332,7 +342,7 @@ def _fold_standalone(model: nn.Module, strip_clamp: bool, reason: str) -> tuple[
     for name, norm in [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]:
         kind = type(norm).__name__
         if (why_kept := unfoldable_reason(norm)) is not None:
-            steps.append(FoldStep(name, kind, KEPT, None, "none", why_kept))
+            steps.append(FoldStep(name, kind, FoldAction.KEPT, None, "none", why_kept))
             continue
         scale, shift = checked_affine(name, norm)
         ecm, ecm_text = ecm_module(norm, strip_clamp)
@@ -340,7 +350,7 @@ def _fold_standalone(model: nn.Module, strip_clamp: bool, reason: str) -> tuple[
             _set_submodule(model, name, standalone_module(scale, shift, ecm))
         else:  # the model is a bare norm layer
             model = standalone_module(scale, shift, ecm)
-        steps.append(FoldStep(name or "<model>", kind, AFFINE, None, ecm_text, reason))
+        steps.append(FoldStep(name or "<model>", kind, FoldAction.AFFINE, None, ecm_text, reason))
     return steps, model
 
 

@@ -106,15 +106,18 @@ def read_model(
     if is_checkpoint(obj):
         return _rebuild_checkpoint(validate_checkpoint(obj, path), path, arch, arch_kwargs, trust)
     found, used_key = _select(obj, key, path)
+    dropped = (
+        sorted(str(name) for name in obj if name != used_key) if used_key is not None else []
+    )  # optimizer, epoch, ...
     if isinstance(found, nn.Module):
-        return LoadedModel(found, PICKLED_MODULE, info={"key": used_key})
+        return LoadedModel(found, PICKLED_MODULE, info={"key": used_key, "dropped_keys": dropped})
     if arch is None:
         raise BadInputError(
             f"{path}: holds a state dict ({len(found)} entries) but no model code; pass --arch package.module:factory "
             "(and --arch-kwargs JSON) naming the function that builds the model"
         )
     module = build_arch(arch, arch_kwargs or {}, CodeOrigin.user(arch_kwargs is not None))
-    info: dict[str, Any] = {"key": used_key}
+    info: dict[str, Any] = {"key": used_key, "dropped_keys": dropped}
     layout = inferred_layout(module, _strip_data_parallel_prefix(module, found), ConvertOptions(), path)
     if layout:  # the state dict of a converted model
         module = restore_layout(module, layout, path)
@@ -124,9 +127,32 @@ def read_model(
     return LoadedModel(module, STATE_DICT, arch, dict(arch_kwargs or {}), info=info)
 
 
-def load_model(path: Path | str, **kwargs: Any) -> nn.Module:
-    """The module in ``path``; same arguments as :func:`read_model`."""
-    return read_model(path, **kwargs).module
+def load_model(
+    path: Path | str,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    key: str | None = None,
+    trust: bool = False,
+) -> nn.Module:
+    """The model in ``path``, ready to use: an onorm checkpoint, a state dict, or (with ``trust``) a pickled module.
+
+    Args:
+        path: a file saved with ``torch.save`` (or :func:`onorm_convert.save_checkpoint`).
+        arch: ``"package.module:factory"``, the code that builds the model for a state dict
+            (the current directory is importable); for an onorm checkpoint it replaces the
+            recorded one.
+        arch_kwargs: keyword arguments for ``arch``'s factory.
+        key: the state dict's key inside a training checkpoint (``"state_dict"``,
+            ``"model_state_dict"`` and ``"model"`` are found without it).
+        trust: allow what runs code chosen by the file: unpickling a whole module, or the
+            model code an onorm checkpoint names that this user's onorm did not write.
+
+    Nothing the file names is imported or run without that consent. Raises BadInputError
+    with one line saying what is wrong and what to do. :func:`read_model` also says what
+    the file held (format, arch, recorded input shapes).
+    """
+    return read_model(path, arch=arch, arch_kwargs=arch_kwargs, key=key, trust=trust).module
 
 
 def build_arch(arch: str, arch_kwargs: Mapping[str, Any], origin: CodeOrigin = CodeOrigin()) -> nn.Module:

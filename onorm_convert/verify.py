@@ -25,10 +25,10 @@ from .errors import BadInputError, VerificationError, first_line
 from .inputs import random_inputs, run_model
 from .layers import OnlineNormBase
 from .layers.functional import CLAMP
+from .options import Tolerance
 from .shared import check_returns_tensors, ecm_off, eval_mode, labelled_tensors, strip_clamps
 
 Outputs = list[tuple[str, np.ndarray]]  # (label, value) per output, in flattening order
-Tolerance = float | Mapping[str, float]  # one for all outputs, or per output label (with "*" as the default)
 
 
 def flatten_outputs(output: Any, label: str = "output") -> Outputs:
@@ -216,19 +216,6 @@ def verify_outputs(
             continue
         report.checks.extend(compare_outputs(label, expected, actual, atol, rtol))
     return report
-
-
-def verify_onnx(
-    path: Path,
-    reference: nn.Module,
-    batches: Sequence[tuple[str, Sequence[Tensor]]],
-    *,
-    atol: Tolerance = 1e-4,
-    rtol: Tolerance = 1e-3,
-) -> VerifyReport:
-    """Compare the ONNX file at ``path``, run by onnxruntime (CPU), with ``reference`` in eval mode."""
-    run, runtime = onnxruntime_runner(path)
-    return verify_outputs(reference, run, runtime, batches, atol=atol, rtol=rtol)
 
 
 @dataclass

@@ -6,10 +6,13 @@ Imported by test modules as ``from conftest import ...`` (``tests/`` is on ``sys
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner, Result
 
+from onorm_convert.cli import app
 from onorm_convert.layers import STATE_BUFFERS, kernels, native
 
 from reference import ReferenceOnlineNorm
@@ -23,6 +26,24 @@ def private_kernel_cache(tmp_path_factory):
         native.library.cache_clear()
         yield
     native.library.cache_clear()
+
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample_models"
+MLP, MLP_ARCH = SAMPLES / "digits_mlp.pt", "sample_models.models:digits_mlp"
+RESNET, RESNET_ARCH = SAMPLES / "digits_resnet.pt", "sample_models.models:digits_resnet"
+_runner = CliRunner()
+
+
+def onorm(*args: object) -> Result:
+    """Run the ``onorm`` CLI in this process (arguments str()-ed); stdout and stderr apart."""
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """Run from the repository root, so `--arch sample_models.models:...` imports as a user's would."""
+    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,29 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_load import BAD_INPUTS, Malicious, write_bad_input
-from typer.testing import CliRunner
 
 from onorm_convert import OnlineNorm2d, OnlineNormBase, load_model
 from onorm_convert.checkpoint import FORMAT_TAG
-from onorm_convert.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, SAMPLES, onorm
+from test_load import BAD_INPUTS, Malicious, write_bad_input
+
+pytestmark = pytest.mark.usefixtures("in_repo")
+
 sys.path.insert(0, str(REPO))  # sample_models lives at the repository root, outside the installed package
 from sample_models import models  # noqa: E402
-
-SAMPLES = REPO / "sample_models"
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    """Run from the repository root, so `--arch sample_models.models:...` imports as a user's would."""
-    monkeypatch.chdir(REPO)
-
-
-def onorm(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def digest(path: Path) -> str:
@@ -166,6 +154,7 @@ def test_inspect_lists_what_convert_would_change():
 
 CHECK_FAILS = """
 from torch import nn
+
 
 class TypeSensitive(nn.Module):
     # Its forward depends on the BatchNorm's type: converting changes what it computes.

@@ -188,6 +188,7 @@ def test_output_may_not_be_the_input(state_dict_file: Path) -> None:
         (["--input-shape", "1,64", "--opset", "99"], "--opset 99: out of range; choose 18 to 23"),
         (["--input-shape", "1,64", "--format", "tflite"], "--format 'tflite': expected onnx or torch"),
         (["--input-shape", "1,64", "--atol", "-1"], "--atol -1.0: must be a finite number >= 0"),
+        (["--input-shape", "1,64", "--rtol", "nan"], "--rtol nan: must be a finite number >= 0"),
         (["--input-shape", "1,64", "--inputs", "missing.npy"], "--inputs missing.npy: no such file"),
     ],
 )
@@ -198,6 +199,20 @@ def test_bad_input_exits_2_with_one_line_and_no_output(state_dict_file: Path, ex
     errors = [line for line in result.stderr.splitlines() if line.startswith("onorm export: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
     assert sorted(p.name for p in state_dict_file.parent.iterdir()) == ["mlp.pt"] and digest(state_dict_file) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--opset", "5"], "--opset 5: out of range; choose 18 to 23"),
+        (["--rtol", "inf"], "--rtol inf: must be a finite number >= 0"),
+    ],
+)
+def test_an_option_the_library_refuses_is_named_by_its_flag(state_dict_file: Path, flags: list, message: str) -> None:
+    result = onorm(state_dict_file, "--arch", ARCH, "--input-shape", "1,64", "--json", *flags)
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "BadInputError" and error["message"].startswith(message)  # the type JSON always had
 
 
 def test_inputs_that_do_not_fit_exit_2(state_dict_file: Path, tmp_path: Path) -> None:

@@ -26,22 +26,19 @@ import numpy as np
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
 
 from onorm_convert import errors
 from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
-from onorm_convert.cli import app
 from onorm_convert.cli import main as cli_main
 from onorm_convert.convert import convert
 from onorm_convert.files import write_atomically
 from onorm_convert.load import build_arch
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_models"
-MLP, MLP_ARCH = SAMPLES / "digits_mlp.pt", "sample_models.models:digits_mlp"
-RESNET, RESNET_ARCH = SAMPLES / "digits_resnet.pt", "sample_models.models:digits_resnet"
+from conftest import MLP, MLP_ARCH, REPO, RESNET, RESNET_ARCH, SAMPLES, onorm
+
+pytestmark = pytest.mark.usefixtures("in_repo")
+
 SAMPLE_FILES = sorted(SAMPLES.glob("*.pt"))
-runner = CliRunner()
 _module_names = itertools.count()
 
 ARCH_SOURCE = """
@@ -63,16 +60,6 @@ class LogNet(nn.Module):
 def log_net():
     return LogNet()
 """
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    """Run from the repository root, so `--arch sample_models.models:...` imports as a user's would."""
-    monkeypatch.chdir(REPO)
-
-
-def onorm(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def digests(*places: Path) -> dict[str, str]:
@@ -398,6 +385,7 @@ import os, signal, sys
 from pathlib import Path
 from onorm_convert.files import write_atomically
 from onorm_convert.load import build_arch
+
 
 def half_then_die(tmp):
     with open(tmp, "wb") as handle:

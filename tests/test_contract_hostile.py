@@ -28,7 +28,6 @@ from test_contract import (
     assert_json_failure,
     assert_one_error_line,
     digests,
-    in_repo,  # noqa: F401 - autouse: run from the repository root, as test_contract.py does
     onorm,
     signal_after,
     start,
@@ -41,6 +40,8 @@ from onorm_convert.cli import main as cli_main
 from onorm_convert.convert import convert
 from onorm_convert.errors import BadInputError
 from onorm_convert.inputs import load_input_file, parse_input_shape, random_inputs
+
+pytestmark = pytest.mark.usefixtures("in_repo")
 
 USER_CODE = """
 import os

@@ -11,6 +11,7 @@ from torch import nn
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase, convert, revert
 from onorm_convert.convert import ConversionWarning, convert_with_report, plan_conversion
 from onorm_convert.errors import BadInputError, VerificationError
+from onorm_convert.options import ConvertOptions
 from onorm_convert.verify import EXACT_RTOL, check_conversion
 
 
@@ -266,7 +267,7 @@ def test_sync_batchnorm_dimension_from_neighbour_or_example_input():
     with pytest.raises(BadInputError, match="'norm' .*pass --input-shape"):
         convert(Alone())
     model = randomize_statistics(Alone())
-    converted, changes = convert_with_report(model, ecm="none", example_shapes=[(2, 3, 5)])
+    converted, changes = convert_with_report(model, ConvertOptions(ecm="none"), example_shapes=[(2, 3, 5)])
     assert isinstance(converted.norm, OnlineNorm2d) and changes[0].note == "dimension from the example input"
     x = torch.randn(2, 3, 5)
     torch.testing.assert_close(converted.eval()(x), model(x), rtol=EXACT_RTOL, atol=1e-6)

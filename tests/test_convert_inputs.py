@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from onorm_convert.cli import app
 from sample_models import models
 from sample_models.train import load_digits_split
 
-REPO = Path(__file__).resolve().parents[1]
-RESNET, RESNET_ARCH = REPO / "sample_models" / "digits_resnet.pt", "sample_models.models:digits_resnet"
-runner = CliRunner()
+from conftest import RESNET, RESNET_ARCH, onorm
 
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
+pytestmark = pytest.mark.usefixtures("in_repo")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def held_out(tmp_path_factory):
 
 
 def convert(*args):
-    return runner.invoke(app, ["convert", str(RESNET), "--arch", RESNET_ARCH, "--json", *map(str, args)])
+    return onorm("convert", RESNET, "--arch", RESNET_ARCH, "--json", *args)
 
 
 def test_the_defaults_keep_every_prediction_of_the_demo_model(tmp_path, held_out):

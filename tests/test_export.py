@@ -15,9 +15,10 @@ from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, convert, export_onnx, export_torch
 from onorm_convert.errors import BadInputError
-from onorm_convert.export import FAILED_SUFFIX, ExportMismatchError, check_opset
+from onorm_convert.export import FAILED_SUFFIX, ExportMismatchError
 from onorm_convert.fold import fold
 from onorm_convert.inputs import fit_inputs, load_input_file
+from onorm_convert.options import ExportOptions
 from onorm_convert.verify import clamp_audit, compare_arrays, compare_outputs
 
 from test_fold import randomized
@@ -218,4 +219,4 @@ def test_unreadable_input_files_are_bad_input(tmp_path) -> None:
 @pytest.mark.parametrize("opset", [17, 24, 0])
 def test_opset_out_of_range_is_bad_input(opset: int) -> None:
     with pytest.raises(BadInputError, match="out of range; choose 18 to 23"):
-        check_opset(opset)
+        ExportOptions(opset=opset)

@@ -11,11 +11,9 @@ from torch import nn
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.errors import BadInputError
 from onorm_convert.fold import (
-    AFFINE,
-    FOLDED,
-    KEPT,
     ChannelAffine,
     Clamp,
+    FoldAction,
     LayerScale,
     fold,
     fold_affine_weights,
@@ -85,7 +83,7 @@ def test_norm_folds_into_its_producer_exactly(case: str, flavour: str) -> None:
 
     folded, report = fold_with_report(model, example_inputs=[x])
 
-    assert [(s.action, s.into) for s in report.steps] == [(FOLDED, "0")]
+    assert [(s.action, s.into) for s in report.steps] == [(FoldAction.FOLDED, "0")]
     assert norm_modules(folded) == [] and not any(isinstance(m, ChannelAffine) for m in folded.modules())
     assert max_diff(folded, model, x) <= TOL
 
@@ -127,7 +125,7 @@ def test_layer_scaling_is_kept_and_reported() -> None:
     model = nn.Sequential(nn.Linear(5, 4), randomized(OnlineNorm1d(4, ecm="layer_scaling"))).eval()
     folded, report = fold_with_report(model, strip_clamp=True)
     assert [type(m) for m in folded.children()] == [nn.Linear, LayerScale]
-    assert report.steps[0].action == FOLDED and "layer scaling kept" in report.steps[0].ecm
+    assert report.steps[0].action == FoldAction.FOLDED and "layer scaling kept" in report.steps[0].ecm
     assert max_diff(folded, model, torch.randn(6, 5)) <= TOL
 
 
@@ -137,7 +135,7 @@ def test_norm_without_foldable_producer_becomes_one_affine_op() -> None:
         randomized(OnlineNorm2d(3)), nn.Conv2d(3, 4, 3), nn.ReLU(), randomized(nn.BatchNorm2d(4), 1)
     ).eval()
     folded, report = fold_with_report(model)
-    assert [(s.norm, s.action) for s in report.steps] == [("0", AFFINE), ("3", AFFINE)]
+    assert [(s.norm, s.action) for s in report.steps] == [("0", FoldAction.AFFINE), ("3", FoldAction.AFFINE)]
     assert "placeholder" in report.steps[0].reason and "'2' (ReLU)" in report.steps[1].reason
     assert sum(isinstance(m, ChannelAffine) for m in folded.modules()) == 2
     assert max_diff(folded, model, torch.randn(2, 3, 6, 6) * 3) <= TOL
@@ -163,8 +161,8 @@ def test_conv_that_also_feeds_a_skip_connection_is_not_folded() -> None:
     model = SkipBlock().eval()
     folded, report = fold_with_report(model)
     steps = {s.norm: s for s in report.steps}
-    assert steps["bn1"].action == AFFINE and "also feeds" in steps["bn1"].reason
-    assert steps["bn2"].action == FOLDED and steps["bn2"].into == "conv2"
+    assert steps["bn1"].action == FoldAction.AFFINE and "also feeds" in steps["bn1"].reason
+    assert steps["bn2"].action == FoldAction.FOLDED and steps["bn2"].into == "conv2"
     assert max_diff(folded, model, torch.randn(2, 4, 5, 5)) <= TOL
 
 
@@ -186,7 +184,7 @@ def test_untraceable_model_still_folds_into_standalone_affines_with_the_reason()
     model = Untraceable().eval()
     folded, report = fold_with_report(model)
     assert not report.traced and "torch.fx could not trace" in report.trace_error
-    assert [(s.norm, s.action) for s in report.steps] == [("norm", AFFINE)]
+    assert [(s.norm, s.action) for s in report.steps] == [("norm", FoldAction.AFFINE)]
     assert isinstance(folded.norm, nn.Sequential) and isinstance(folded.norm[0], ChannelAffine)
     for sign in (1, -1):
         x = torch.randn(2, 3, 5, 5).abs() * sign
@@ -198,14 +196,14 @@ def test_linear_on_a_sequence_is_not_folded_when_shapes_show_the_axes_differ() -
     model = nn.Sequential(nn.Linear(4, 6), randomized(OnlineNorm1d(6))).eval()  # (N, 6, 4) -> Linear -> (N, 6, 6)
     x = torch.randn(3, 6, 4)
     folded, report = fold_with_report(model, example_inputs=[x])
-    assert report.steps[0].action == AFFINE and "rank 3" in report.steps[0].reason
+    assert report.steps[0].action == FoldAction.AFFINE and "rank 3" in report.steps[0].reason
     assert max_diff(folded, model, x) <= TOL
 
 
 def test_batchnorm_without_running_stats_is_kept() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     folded, report = fold_with_report(model)
-    assert report.steps[0].action == KEPT and "batch statistics" in report.steps[0].reason
+    assert report.steps[0].action == FoldAction.KEPT and "batch statistics" in report.steps[0].reason
     assert isinstance(folded.get_submodule("1"), nn.BatchNorm2d)
 
 
@@ -263,7 +261,7 @@ def test_fold_matches_eval_on_random_stacks(stack, strip: bool, seed: int) -> No
     x = torch.randn(3, first.in_channels, 4, 4, generator=torch.Generator().manual_seed(seed))
     reference = strip_clamps(model) if strip else model
     folded, report = fold_with_report(model, strip_clamp=strip, example_inputs=[x])
-    assert report.traced and all(step.action == FOLDED for step in report.steps)
+    assert report.traced and all(step.action == FoldAction.FOLDED for step in report.steps)
     assert norm_modules(folded) == []
     with torch.no_grad():
         expected = reference(x)

@@ -16,25 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from onorm_convert import trust
 from onorm_convert.checkpoint import UnsignedCheckpointWarning, make_checkpoint, write_checkpoint
-from onorm_convert.cli import app
 from onorm_convert.convert import convert
 from onorm_convert.errors import BadInputError
 from onorm_convert.load import ONORM_CHECKPOINT, read_model
 
-REPO = Path(__file__).resolve().parents[1]
-MLP, MLP_ARCH = REPO / "sample_models" / "digits_mlp.pt", "sample_models.models:digits_mlp"
+from conftest import MLP, MLP_ARCH, REPO, onorm
+
+pytestmark = pytest.mark.usefixtures("in_repo")
+
 COMMANDS = ("inspect", "export", "convert")
-runner = CliRunner()
 _names = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture
@@ -77,10 +71,6 @@ def nested(depth: int) -> list:
     for _ in range(depth):
         value = [value]
     return value
-
-
-def onorm(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -7,28 +7,19 @@ BatchNorm original's ``--arch`` (rebuilt with the default options, which it says
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import onorm_convert as oc
 from onorm_convert.checkpoint import conversion_of
-from onorm_convert.cli import app
 from onorm_convert.errors import BadInputError
 from onorm_convert.layers import STATE_BUFFERS
 from onorm_convert.load import LoadWarning, read_model
 
-REPO = Path(__file__).resolve().parents[1]
-RESNET, RESNET_ARCH = REPO / "sample_models" / "digits_resnet.pt", "sample_models.models:digits_resnet"
-runner = CliRunner()
+from conftest import RESNET, RESNET_ARCH, onorm
 
-
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
+pytestmark = pytest.mark.usefixtures("in_repo")
 
 
 def trained_resnet() -> nn.Module:
@@ -95,9 +86,7 @@ def test_save_checkpoint_after_training_is_exact_and_export_takes_it_without_fla
     loaded = read_model(tmp_path / "tuned.pt")
     assert loaded.info["conversion"]["alpha_fwd"] == 0.99 and loaded.info["code_consent"] == "signature"
     assert_same_model(model, loaded.module)
-    result = runner.invoke(
-        app, ["export", str(tmp_path / "tuned.pt"), "--strip-clamp", "-o", str(tmp_path / "tuned.onnx")]
-    )
+    result = onorm("export", str(tmp_path / "tuned.pt"), "--strip-clamp", "-o", str(tmp_path / "tuned.onnx"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tuned.onnx").is_file()
 
@@ -116,18 +105,8 @@ def test_a_plain_state_dict_of_a_converted_model_loads_with_the_original_arch_an
     assert {name for name, m in loaded.module.named_modules() if isinstance(m, oc.OnlineNormBase)} == {
         name for name, m in model.named_modules() if isinstance(m, oc.OnlineNormBase)
     }
-    result = runner.invoke(
-        app,
-        [
-            "export",
-            str(tmp_path / "tuned_sd.pt"),
-            "--arch",
-            RESNET_ARCH,
-            "--input-shape",
-            "1,1,8,8",
-            "-o",
-            str(tmp_path / "t.onnx"),
-        ],
+    result = onorm(
+        "export", tmp_path / "tuned_sd.pt", "--arch", RESNET_ARCH, "--input-shape", "1,1,8,8", "-o", tmp_path / "t.onnx"
     )
     assert result.exit_code == 0, result.output
     assert "onorm: warning:" in result.stderr and "rebuilt with the defaults" in result.stderr

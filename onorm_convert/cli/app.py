@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from ..errors import (
     EXIT_OK,
     EXIT_TERMINATED,
     STOP_SIGNALS,
+    BadInputError,
     OnormError,
     OptionError,
     Terminated,
@@ -46,6 +48,7 @@ class Console:
     def __init__(self, json_mode: bool, stdout: TextIO | None = None) -> None:
         self.json_mode = json_mode
         self.stdout = stdout  # onorm's own stdout (None: sys.stdout); the model's code prints to stderr meanwhile
+        self.warnings: list[str] = []  # every warning shown, for the JSON report
 
     def print(self, text: str = "") -> None:
         """A result line (stdout); suppressed under --json, where the report says it all."""
@@ -61,7 +64,8 @@ class Console:
             typer.echo(text, err=True)
 
     def warn(self, text: str) -> None:
-        """A warning or notice (stderr), shown in every mode."""
+        """A warning or notice (stderr), shown in every mode, and kept for the report."""
+        self.warnings.append(text)
         typer.echo(f"onorm: warning: {text}", err=True)
 
 
@@ -93,11 +97,19 @@ def run_command(
     JSON object on stdout under --json; :func:`failure` gives its message and exit code.
     """
     RUN.begin()
+    start = time.perf_counter()
     try:
         with _user_output_to_stderr() as stdout:
-            code, report = body(Console(json_mode, stdout))
+            console = Console(json_mode, stdout)
+            code, report = body(console)
         if RUN.stop is not None:  # a library caught the KeyboardInterrupt: the run still stops (it published nothing)
             raise RUN.stop
+        seconds = {**report.get("seconds", {}), "total": time.perf_counter() - start}  # export adds its steps
+        report = {
+            **report,
+            "warnings": console.warnings,
+            "seconds": {step: round(value, 3) for step, value in seconds.items()},
+        }
         text = (
             to_json({"command": command, "ok": code == EXIT_OK, "exit_code": code, **report}, indent=2)
             if json_mode
@@ -192,8 +204,8 @@ def failure(err: BaseException) -> tuple[str, int, str]:
             EXIT_BAD_INPUT,
             kind,
         )
-    if isinstance(err, OptionError):
-        return err.as_flag(), err.exit_code, kind
+    if isinstance(err, OptionError):  # reported as the bad input it is, named by its flag
+        return err.as_flag(), err.exit_code, BadInputError.__name__
     if isinstance(err, OnormError):
         return str(err), err.exit_code, kind
     if isinstance(err, OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,11 +10,10 @@ import torch
 import typer
 
 from ..checkpoint import make_checkpoint
-from ..convert import ConversionWarning, LayerChange, convert_with_report
+from ..convert import ConversionWarning, LayerChange, convert_with_report, unmatched_globs
 from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError, OptionError, quoted
 from ..files import check_output_path, write_atomically
 from ..inputs import fit_inputs, load_input_file, random_inputs
-from ..layers import normalize_ecm
 from ..load import ONORM_CHECKPOINT, PICKLED_MODULE, LoadedModel
 from ..options import ConvertOptions
 from ..verify import EXACT_RTOL, check_conversion, clamp_audit, prediction_agreement
@@ -80,6 +80,12 @@ def convert(
     frozen_bn: Annotated[
         bool, typer.Option("--frozen-bn", help="Also convert torchvision FrozenBatchNorm2d (made trainable).")
     ] = False,
+    require_converted: Annotated[
+        bool,
+        typer.Option(
+            "--require-converted", help="Fail (exit 2) when no layer is converted or an --include glob matches nothing."
+        ),
+    ] = False,
     input_shape: InputShapeOpt = None,
     inputs: InputsOpt = None,
     min_agreement: Annotated[
@@ -96,11 +102,9 @@ def convert(
     """Replace a model's BatchNorm layers by Online Normalization, keeping what it learned."""
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
-        options = {
-            "ecm": _ecm_name(ecm), "clamp_value": clamp_value, "alpha_fwd": alpha_fwd, "alpha_bkw": alpha_bkw,
-            "control": control, "clamp_mode": clamp_mode,
-            "include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn,
-        }  # fmt: skip
+        layer_options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
+        selection = {"include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn}
+        options = {**asdict(layer_options), **selection}  # what the report and the checkpoint record
         if not 0.0 <= min_agreement <= 1.0:
             raise OptionError("min_agreement", min_agreement, "must be a fraction in [0, 1], e.g. 0.99")
         shapes = parse_input_shapes(input_shape)
@@ -111,9 +115,12 @@ def convert(
         shapes = shapes or loaded.input_shapes or ([tuple(t.shape) for t in real] if real else [])
         if real is not None:
             real = fit_inputs(real, shapes, f"--inputs {quoted(inputs)}")
-        converted, changes = _convert(loaded, options, shapes, console)
+        converted, changes = _convert(loaded, layer_options, selection, shapes, console)
+        if require_converted:
+            _require_converted(loaded.module, changes, selection["include"])
         report: dict[str, Any] = {
-            "input": str(model), "input_format": loaded.format, "output": str(destination), "options": options,
+            "input": str(model), "input_format": loaded.format, "key": loaded.info.get("key"),
+            "dropped_keys": loaded.info.get("dropped_keys", []), "output": str(destination), "options": options,
             "layers": [change.to_dict() for change in changes],
             "converted": sum(change.new_type is not None for change in changes),
         }  # fmt: skip
@@ -179,17 +186,26 @@ def _check_on_real_inputs(
     return False
 
 
-def _ecm_name(ecm: str) -> str:
-    try:
-        return normalize_ecm(ecm)
-    except ValueError as err:
-        raise BadInputError(f"--ecm {ecm!r}: expected clamp, layer-scaling or none") from err
+def _require_converted(model: torch.nn.Module, changes: list[LayerChange], include: list[str]) -> None:
+    unmatched = unmatched_globs(model, include)
+    if unmatched:
+        raise BadInputError(
+            f"--include {unmatched[0]!r} matches no module of the model; nothing written (--require-converted)"
+        )
+    if not any(change.new_type for change in changes):
+        raise BadInputError("no normalization layer was converted; nothing written (--require-converted)")
 
 
-def _convert(loaded: LoadedModel, options: dict[str, Any], shapes: list[tuple[int, ...]], console: Console):
+def _convert(
+    loaded: LoadedModel,
+    options: ConvertOptions,
+    selection: dict[str, Any],
+    shapes: list[tuple[int, ...]],
+    console: Console,
+):
     """convert_with_report with its ConversionWarnings shown as console warnings."""
     with warnings_shown_on(console, ConversionWarning):
-        converted, changes = convert_with_report(loaded.module, example_shapes=shapes or None, **options)
+        converted, changes = convert_with_report(loaded.module, options, example_shapes=shapes or None, **selection)
     if "conversion" in loaded.info and any(change.new_type for change in changes):
         raise BadInputError(
             f"the model was already converted with {loaded.info['conversion']}; converting it again with other options "

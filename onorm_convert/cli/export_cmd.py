@@ -7,9 +7,11 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError, quoted
-from ..export import ONNX, TORCH, ExportMismatchError, ExportReport, check_opset, export_onnx, export_torch
+from ..export import EXPORTERS, ExportMismatchError, ExportReport, Format, export_model
 from ..files import check_output_path
+from ..fold import FoldAction
 from ..inputs import fit_inputs, load_input_file, random_inputs
+from ..options import ExportOptions
 from .app import Console, app, format_table, report_error, run_command
 from .options import (
     ArchKwargsOpt,
@@ -27,7 +29,6 @@ from .options import (
     parse_input_shapes,
 )
 
-SUFFIXES = {ONNX: ".onnx", TORCH: ".pt2"}
 FOLD_COLUMNS = ("layer", "type", "action", "into", "error compensation", "why not folded")
 CHECK_COLUMNS = ("batch", "output", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
 AUDIT_COLUMNS = ("layer", "clamp", "activations cut", "fraction", "largest change")
@@ -58,7 +59,9 @@ def export(
         bool,
         typer.Option("--keep-failed", help="Keep a file that failed verification as NAME.verification-failed.EXT."),
     ] = False,
-    fmt: Annotated[str, typer.Option("--format", help="onnx, or torch for a torch.export program (.pt2).")] = ONNX,
+    fmt: Annotated[
+        str, typer.Option("--format", help="onnx, or torch for a torch.export program (.pt2).")
+    ] = Format.ONNX.value,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     key: KeyOpt = None,
@@ -70,9 +73,11 @@ def export(
     """Fold the normalization layers and export a model whose outputs are proven to match PyTorch's."""
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
-        check_format(fmt)
-        check_opset(opset)
-        check_tolerances(atol, rtol)
+        file_format = parse_format(fmt)
+        options = ExportOptions(
+            strip_clamp=strip_clamp, opset=opset, dynamic_batch=not static_batch, verify=not no_verify,
+            atol=atol, rtol=rtol, keep_failed=keep_failed, replace=force,
+        )  # fmt: skip
         shapes = parse_input_shapes(input_shape)
         loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         shapes = shapes or loaded.input_shapes
@@ -81,22 +86,18 @@ def export(
                 f"{quoted(model)}: the file records no input shape; pass --input-shape, e.g. --input-shape 1,3,224,224"
             )
         sources = [model] if inputs is None else [model, inputs]
-        destination = check_output_path(output or model.with_suffix(SUFFIXES[fmt]), sources, force)
+        destination = check_output_path(output or model.with_suffix(EXPORTERS[file_format].suffix), sources, force)
         real = (
             None
             if inputs is None
             else fit_inputs(load_input_file(inputs), shapes, f"--inputs {quoted(inputs)}", static_batch)
         )
-        options = dict(
-            strip_clamp=strip_clamp, dynamic_batch=not static_batch, verify=not no_verify, atol=atol, rtol=rtol,
-            real_inputs=real, keep_failed=keep_failed, replace=force, progress=console.progress,
-        )  # fmt: skip
         header = {"input": str(model), "input_format": loaded.format, "output": str(destination)}
         try:
-            if fmt == ONNX:
-                report = export_onnx(loaded.module, destination, random_inputs(shapes), opset=opset, **options)
-            else:
-                report = export_torch(loaded.module, destination, random_inputs(shapes), **options)
+            report = export_model(
+                file_format, loaded.module, destination, random_inputs(shapes), options,
+                real_inputs=real, progress=console.progress,
+            )  # fmt: skip
         except ExportMismatchError as err:
             show_report(console, err.report)
             error = report_error("export", str(err), type(err).__name__)
@@ -110,17 +111,12 @@ def export(
     run_command("export", json_mode, debug, body)
 
 
-def check_format(fmt: str) -> None:
-    """Refuse an unknown ``--format``."""
-    if fmt not in SUFFIXES:
-        raise BadInputError(f"--format {fmt!r}: expected {' or '.join(SUFFIXES)}")
-
-
-def check_tolerances(atol: float, rtol: float) -> None:
-    """Refuse negative or non-finite tolerances."""
-    for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if not 0 <= value < float("inf"):
-            raise BadInputError(f"{flag} {value}: must be a finite number >= 0, e.g. {flag} 1e-4")
+def parse_format(text: str) -> Format:
+    """The :class:`Format` ``--format`` names; an unknown one is a BadInputError."""
+    try:
+        return Format(text)
+    except ValueError:
+        raise BadInputError(f"--format {text!r}: expected {' or '.join(Format)}") from None
 
 
 def show_report(console: Console, report: ExportReport) -> None:
@@ -129,7 +125,7 @@ def show_report(console: Console, report: ExportReport) -> None:
     rows = [(s.norm, s.kind, s.action, s.into or "-", s.ecm, s.reason or "-") for s in steps]
     for line in format_table(FOLD_COLUMNS, rows):
         console.print(line)
-    folded = report.fold.count("folded")
+    folded = report.fold.count(FoldAction.FOLDED)
     console.print(f"folded {folded} of {len(steps)} normalization layers into their producers")
     if report.op_counts:
         console.print("ONNX ops: " + ", ".join(f"{op} {count}" for op, count in report.op_counts.items()))

@@ -40,53 +40,14 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-t
 OPENMP = ("-fopenmp",)  # dropped, single-threaded, where the compiler lacks OpenMP (Apple clang)
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+# fmt: off
 _SIGNATURES = {
     "onorm_dense_forward": [_P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_dense_backward": [
-        _P,
-        _P,
-        _P,
-        _N,
-        _N,
-        _P,
-        _P,
-        _P,
-        _P,
-        _F,
-        _F,
-        _F,
-        _F,
-        ctypes.c_int,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int,
-    ],
+    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_spatial_backward": [
-        _P,
-        _P,
-        _P,
-        _N,
-        _N,
-        _N,
-        _P,
-        _P,
-        _P,
-        _P,
-        _F,
-        _F,
-        _F,
-        _F,
-        ctypes.c_int,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int,
-    ],
+    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
 }
+# fmt: on
 _SIGNATURES.update(
     {name.replace("spatial", "channels_last"): types for name, types in _SIGNATURES.items() if "spatial" in name}
 )
