@@ -83,13 +83,14 @@ def staged_file(destination: Path, suffix: str = "") -> Iterator[Path]:
     :class:`BadInputError` naming ``destination``; see :func:`write_failure`.
     """
     destination = Path(destination)
-    try:
-        prefix, suffix = _temp_affixes(destination.name, suffix)
-        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=destination.parent)
-    except OSError as err:
-        raise write_failure(destination, err) from err
-    os.close(fd)
-    tmp_path = Path(tmp)
+    with stop_signals_held():  # a stop between creating the temp file and the try below would leave it behind
+        try:
+            prefix, suffix = _temp_affixes(destination.name, suffix)
+            fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=destination.parent)
+        except OSError as err:
+            raise write_failure(destination, err) from err
+        os.close(fd)
+        tmp_path = Path(tmp)
     try:
         yield tmp_path
     except OnormError:
@@ -100,7 +101,8 @@ def staged_file(destination: Path, suffix: str = "") -> Iterator[Path]:
             raise
         raise failure from err
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with stop_signals_held():  # a second stop cannot cut the cleanup short
+            tmp_path.unlink(missing_ok=True)
 
 
 def _temp_affixes(name: str, suffix: str) -> tuple[str, str]:
@@ -145,7 +147,7 @@ def publish(staged: Path, destination: Path, *, replace: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    with _stop_signals_held():  # the check, the move and the record happen together or not at all
+    with stop_signals_held():  # the check, the move and the record happen together or not at all
         if RUN.stop is not None:
             raise RUN.stop
         now = os.lstat(staged)
@@ -190,7 +192,7 @@ def _move_exclusively(staged: Path, destination: Path) -> None:
 
 
 @contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
+def stop_signals_held() -> Iterator[None]:
     """Stop signals wait (blocked) while the body runs, then are delivered."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:

@@ -31,7 +31,7 @@ from ..errors import (
     first_line,
     quoted,
 )
-from ..files import RUN
+from ..files import RUN, stop_signals_held
 
 app = typer.Typer(
     name="onorm",
@@ -174,10 +174,11 @@ def _user_output_to_stderr() -> Iterator[TextIO]:
         with contextlib.redirect_stdout(sys.stderr):
             yield own
     finally:
-        with contextlib.suppress(OSError):  # a failed write was reported where it happened
-            own.close()
-        os.dup2(saved, out_fd)
-        os.close(saved)
+        with stop_signals_held():  # a stop here would leave descriptor 1 on stderr, and the report with it
+            with contextlib.suppress(OSError):  # a failed write was reported where it happened
+                own.close()
+            os.dup2(saved, out_fd)
+            os.close(saved)
 
 
 def failure(err: BaseException) -> tuple[str, int, str]:
@@ -312,12 +313,15 @@ def main(argv: list[str] | None = None, *, early_signals: list[int] | None = Non
     argv = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in argv
     with _stop_signals_unwind(exiting):
-        known = typer.main.get_command(app).commands
-        command = argv[0] if argv and argv[0] in known else None
+        command = (
+            argv[0] if argv and not argv[0].startswith("-") else None
+        )  # refined below, once the commands are known
         stop: KeyboardInterrupt | None = None
         code: int | None = None
-        try:
-            if early_signals:  # still in the with block: a signal here is a stop as well
+        try:  # everything under the handlers inside the try: a stop anywhere here follows the contract
+            known = typer.main.get_command(app).commands
+            command = command if command in known else None
+            if early_signals:
                 signal.raise_signal(early_signals[0])
             code = app(args=argv, prog_name="onorm", standalone_mode=False) or 0
         except KeyboardInterrupt as err:  # outside a command's body (parsing, callbacks, leaving): still the contract
