@@ -357,11 +357,15 @@ def wait_until_it_catches(process: subprocess.Popen, signum: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 0.4), (signal.SIGINT, 1.0), (signal.SIGTERM, 0.4)]
+    "signum, delay", [(signal.SIGINT, 0.0), (signal.SIGINT, 0.4), (signal.SIGINT, 0.7), (signal.SIGTERM, 0.4)]
 )
 @pytest.mark.slow
 def test_a_signal_during_start_up_exits_with_the_one_line(tmp_path, signum, delay):
-    """While Python imports torch (seconds): no traceback, the contract's code and line, nothing written."""
+    """While Python imports torch (seconds): no traceback, the contract's code and line, nothing written.
+
+    The delays stay inside start-up: the whole run takes about 1.1 s on an idle 2-core machine,
+    and a signal after it rightly changes nothing.
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "onorm_launch", "convert", MLP, "--arch", MLP_ARCH, "--input-shape", "2,64", "-o", tmp_path / "out.pt"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
