@@ -33,13 +33,15 @@ DEMO := build/demo
 ONORM := $(VENV)/bin/onorm
 
 # The main job on a shipped model: convert a trained BatchNorm ResNet to OnlineNorm, then
-# fold + strip the clamp + export ONNX, verified against PyTorch on the real held-out digits.
+# fold + strip the clamp + export ONNX, verified against PyTorch on the real held-out digits;
+# last, a summary: the files written and each model's accuracy on those digits.
 demo: setup
 	$(PY) sample_models/test_inputs.py digits_resnet $(DEMO)/digits_test.npy
 	$(ONORM) convert sample_models/digits_resnet.pt --arch sample_models.models:digits_resnet \
 		--input-shape 1,1,8,8 --inputs $(DEMO)/digits_test.npy -o $(DEMO)/digits_resnet_onorm.pt --force
 	$(ONORM) export $(DEMO)/digits_resnet_onorm.pt --strip-clamp --inputs $(DEMO)/digits_test.npy \
 		-o $(DEMO)/digits_resnet.onnx --force
+	$(PY) sample_models/demo_summary.py $(DEMO)
 
 # Every benchmark; each prints its figures beside a baseline measured in the same process.
 bench: setup

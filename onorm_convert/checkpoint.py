@@ -3,19 +3,23 @@
 A plain dict of tensors and JSON-like values, so ``torch.load(weights_only=True)`` reads it
 and nothing in it runs code::
 
-    {"format": FORMAT_TAG, "format_version": 2, "tool_version": "0.1.0",
+    {"format": FORMAT_TAG, "format_version": 3, "tool_version": "0.1.0",
      "arch": "package.module:factory", "arch_kwargs": {...},  # the code that builds the BatchNorm original
      "arch_location": "/path/to/package/__init__.py",        # where arch's top-level module was imported from
      "signature": "hex",                                      # this user's HMAC of the three fields above, or None
      "layers": {"layer1.0.bn1": {"rank": 2, "config": {...}}, ...},  # each OnlineNorm: class and constructor
+     #   an OnlineNormAct2d also: "drop": {"class": "Identity", "args": {}}, "act": {"class": "SiLU", "args": {...}}
      "conversion": {"ecm": ..., "alpha_fwd": ..., ...},       # the options given to convert(), for the record
      "input_shapes": [[1, 3, 8, 8], ...],                     # example inputs; [] if none
      "state_dict": {...}}
 
 Rebuilding it: ``arch(**arch_kwargs)``, each recorded layer swapped for the OnlineNorm its
 entry describes (:func:`restore_layout`), then ``state_dict`` loaded, so the model comes
-back exactly as it was saved. Version 1 files, which recorded no ``layers``, and plain state
-dicts of converted models get their layout from the state dict (:func:`inferred_layout`).
+back exactly as it was saved. An OnlineNormAct2d's drop and act are modules chosen by code,
+so they are recorded only as one of a few torch.nn classes with their constructor arguments
+(``_REBUILDABLE_MODULES``); saving any other is refused. Version 1 files, which recorded
+no ``layers``, and plain state dicts of converted models get their layout from the state
+dict (:func:`inferred_layout`).
 Only a checkpoint signed by this user's onorm is rebuilt from its own ``arch`` without
 consent (:mod:`onorm_convert.trust`).
 """
@@ -36,13 +40,13 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import BadInputError, OptionError, quoted
 from .files import write_atomically
-from .layers import ONLINE_NORMS, OnlineNormBase
+from .layers import ONLINE_NORMS, OnlineNormAct2d, OnlineNormBase
 from .options import ConvertOptions
 from .shared import swap_modules
 from .trust import KeyUnavailable, code_location, sign
 
 FORMAT_TAG = "onorm_convert.checkpoint"
-FORMAT_VERSION = 2  # 2: the layout is recorded ("layers"); 1 recorded only the options
+FORMAT_VERSION = 3  # 3: a layer may be an OnlineNormAct2d; 2: the layout is recorded ("layers"); 1: only the options
 # package.module:factory, within reason: a recorded arch is shown in messages before anything is imported.
 _ARCH_SPEC = re.compile(r"[A-Za-z_][\w.]{0,199}:[A-Za-z_][\w.]{0,199}", re.ASCII)  # ASCII: no look-alike letters
 _SIGNATURE = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -53,10 +57,21 @@ CONVERSION_OPTIONS = frozenset({option.name for option in fields(ConvertOptions)
 LAYER_CONFIG = tuple(
     name for name in inspect.signature(OnlineNormBase.__init__).parameters if name not in ("self", "device", "dtype")
 )
-_RANKS = {cls: rank for rank, cls in ONLINE_NORMS.items()}
+_RANKS = {cls: rank for rank, cls in ONLINE_NORMS.items()} | {OnlineNormAct2d: 2}
 _BATCH_NORM_RANKS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))
+_FROZEN_NORMS = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")  # torchvision's and timm's, by name: no _NormBase
+_NORM_ACT_PARTS = ("drop", "act")  # an OnlineNormAct2d's modules after the norm, in order
+# What a checkpoint can record as a drop or an act: these torch.nn classes (exactly), each with the constructor
+# arguments it keeps as attributes of the same name. Anything else would need running code to rebuild.
+_REBUILDABLE_MODULES: dict[str, tuple[str, ...]] = {
+    "Identity": (), "Dropout": ("p", "inplace"), "Dropout2d": ("p", "inplace"),
+    "ReLU": ("inplace",), "ReLU6": ("inplace",), "LeakyReLU": ("negative_slope", "inplace"), "PReLU": ("num_parameters",),
+    "ELU": ("alpha", "inplace"), "CELU": ("alpha", "inplace"), "SELU": ("inplace",), "GELU": ("approximate",),
+    "SiLU": ("inplace",), "Mish": ("inplace",), "Hardswish": ("inplace",), "Hardsigmoid": ("inplace",),
+    "Sigmoid": (), "Tanh": (),
+}  # fmt: skip
 
-Layout = dict[str, dict[str, Any]]  # qualified name -> {"rank": 1|2|3, "config": {constructor argument: value}}
+Layout = dict[str, dict[str, Any]]  # qualified name -> {"rank": 1|2|3, "config": {constructor argument: value}, ...}
 
 
 class UnsignedCheckpointWarning(UserWarning):
@@ -145,16 +160,36 @@ def conversion_of(model: nn.Module) -> dict[str, Any]:
 
 
 def layout_of(model: nn.Module) -> Layout:
-    """Each OnlineNorm layer of ``model`` (a shared one once, by its first name): its rank and constructor arguments."""
+    """Each OnlineNorm layer of ``model`` (a shared one once, by its first name): its rank and constructor arguments.
+
+    An OnlineNormAct2d's entry also records its drop and act (:func:`_module_record`).
+    """
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, OnlineNormBase):
             if type(module) not in _RANKS:
                 raise BadInputError(
-                    f"'{name}' is a {type(module).__name__}; a checkpoint rebuilds onorm's own OnlineNorm1d/2d/3d only"
+                    f"'{name}' is a {type(module).__name__}; a checkpoint rebuilds onorm's own OnlineNorm1d/2d/3d and OnlineNormAct2d only"
                 )
             layout[name] = {"rank": _RANKS[type(module)], "config": {key: getattr(module, key) for key in LAYER_CONFIG}}
+            if isinstance(module, OnlineNormAct2d):
+                layout[name] |= _norm_act_records(module, name)
     return layout
+
+
+def _module_record(module: nn.Module, name: str) -> dict[str, Any]:
+    """``module`` (at qualified ``name``) as ``{"class": ..., "args": {...}}``; BadInputError unless it is rebuildable."""
+    kind = type(module).__name__
+    if kind not in _REBUILDABLE_MODULES or type(module) is not getattr(nn, kind):
+        raise BadInputError(
+            f"'{name}' is a {type(module).__module__}.{kind}; a checkpoint records the drop and act of an OnlineNormAct2d "
+            f"only as one of torch.nn's {', '.join(sorted(_REBUILDABLE_MODULES))}: save the whole model with torch.save instead"
+        )
+    return {"class": kind, "args": {arg: getattr(module, arg) for arg in _REBUILDABLE_MODULES[kind]}}
+
+
+def _norm_act_records(norm: nn.Module, name: str) -> dict[str, dict[str, Any]]:
+    return {part: _module_record(getattr(norm, part), f"{name}.{part}") for part in _NORM_ACT_PARTS}
 
 
 def inferred_layout(
@@ -164,7 +199,8 @@ def inferred_layout(
 
     The layers are those the state dict holds OnlineNorm state for (control accumulators
     ``u_ctrl``) where ``module`` has a BatchNorm; their width comes from that state, their
-    rank from the BatchNorm's class, ``eps`` from the BatchNorm, the rest from ``options``.
+    rank from the BatchNorm's class, ``eps`` from the BatchNorm, the rest from ``options``;
+    a norm-act layer (one holding ``drop`` and ``act`` modules) keeps its drop and act.
     """
     own = module.state_dict().keys()
     layout = {}
@@ -175,7 +211,7 @@ def inferred_layout(
         norm = _module_at(module, prefix, source)
         rank = next(
             (r for cls, r in _BATCH_NORM_RANKS if isinstance(norm, cls)),
-            2 if type(norm).__name__ == "FrozenBatchNorm2d" else None,
+            2 if type(norm).__name__ in _FROZEN_NORMS else None,
         )
         if rank is None:
             raise BadInputError(
@@ -185,6 +221,8 @@ def inferred_layout(
         affine = f"{prefix}.weight" in state_dict if prefix else "weight" in state_dict
         config = {**asdict(options), "num_features": value.numel(), "eps": float(norm.eps), "affine": affine}
         layout[prefix] = {"rank": rank, "config": config}
+        if all(isinstance(getattr(norm, part, None), nn.Module) for part in _NORM_ACT_PARTS):  # a norm-act layer
+            layout[prefix] |= _norm_act_records(norm, prefix)
     return layout
 
 
@@ -193,18 +231,28 @@ def restore_layout(module: nn.Module, layout: Layout, source: Path | str) -> nn.
     replacements = {}
     for name, entry in layout.items():
         norm = _module_at(module, name, source)
-        if not (isinstance(norm, (_NormBase, OnlineNormBase)) or type(norm).__name__ == "FrozenBatchNorm2d"):
+        if not (isinstance(norm, (_NormBase, OnlineNormBase)) or type(norm).__name__ in _FROZEN_NORMS):
             raise BadInputError(
                 f"{quoted(source)}: the checkpoint records an OnlineNorm at '{name}', where the model has a {type(norm).__name__}; "
                 "the file was written for other model code: pass the --arch it was converted from"
             )
         try:
-            replacements[id(norm)] = ONLINE_NORMS[entry["rank"]](**entry["config"])
+            replacements[id(norm)] = _rebuilt_layer(entry, type(norm))
         except (KeyError, TypeError, ValueError) as err:
             raise BadInputError(
                 f"{quoted(source)}: onorm checkpoint field 'layers' is malformed at '{name}' ({err}); the file is damaged"
             ) from err
     return swap_modules(module, replacements)
+
+
+def _rebuilt_layer(entry: Mapping[str, Any], replaced: type[nn.Module]) -> OnlineNormBase:
+    """The OnlineNorm a layout entry describes; an OnlineNormAct2d reverts to ``replaced``, the class it stands in for."""
+    if "act" not in entry:
+        return ONLINE_NORMS[entry["rank"]](**entry["config"])
+    parts = {part: getattr(nn, entry[part]["class"])(**entry[part]["args"]) for part in _NORM_ACT_PARTS}
+    layer = OnlineNormAct2d(**entry["config"], **parts)
+    layer.reverts_to = replaced
+    return layer
 
 
 def recorded_options(conversion: Mapping[str, Any], source: Path | str) -> ConvertOptions:
@@ -298,6 +346,27 @@ def _is_layer_entry(name: Any, entry: Any) -> bool:
         and entry.get("rank") in ONLINE_NORMS
         and isinstance(entry.get("config"), Mapping)
         and set(entry["config"]) <= set(LAYER_CONFIG)
+        and _norm_act_parts_valid(entry)
+    )
+
+
+def _norm_act_parts_valid(entry: Mapping[str, Any]) -> bool:
+    """No drop/act recorded (a plain OnlineNorm), or both, each a rebuildable module, on a rank-2 layer."""
+    extra = set(entry) - {"rank", "config"}
+    if not extra:
+        return True
+    return extra == set(_NORM_ACT_PARTS) and entry["rank"] == 2 and all(_is_module_record(entry[p]) for p in extra)
+
+
+def _is_module_record(record: Any) -> bool:
+    """``{"class": one of _REBUILDABLE_MODULES, "args": {its constructor arguments: plain values}}``."""
+    return (
+        isinstance(record, Mapping)
+        and set(record) == {"class", "args"}
+        and record["class"] in _REBUILDABLE_MODULES
+        and isinstance(record["args"], Mapping)
+        and set(record["args"]) <= set(_REBUILDABLE_MODULES[record["class"]])
+        and all(isinstance(value, (str, int, float, bool)) for value in record["args"].values())
     )
 
 

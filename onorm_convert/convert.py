@@ -22,9 +22,18 @@ from torch import Tensor, nn
 
 from .errors import BadInputError
 from .inputs import random_inputs, run_model
-from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase
+from .layers import ONLINE_NORMS, OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormAct2d, OnlineNormBase
 from .options import ConvertOptions
-from .shared import check_model_values, eval_mode, non_finite_state, swap_modules
+from .shared import (
+    BATCH_NORM_STATE,
+    NORM_ACT_STATE,
+    added_behaviour,
+    check_model_values,
+    eval_mode,
+    nearest_known,
+    non_finite_state,
+    swap_modules,
+)
 
 BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
     1: nn.BatchNorm1d,
@@ -32,7 +41,6 @@ BATCH_NORMS: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
     3: nn.BatchNorm3d,
 }
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
-_BN_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
 class ConversionWarning(UserWarning):
@@ -45,27 +53,44 @@ class Converter:
 
     ``to_online(module, online_cls, options)`` builds the replacement; ``dim`` is the
     spatial rank it normalizes (None: decided from the example input or the
-    neighbouring layer); ``on_request``: converted only when asked (``frozen_bn=True``).
+    neighbouring layer); ``on_request``: converted only when asked (``frozen_bn=True``);
+    ``online``: the class it converts to (None: the OnlineNorm of its rank); ``holds``: the
+    direct state of the registered type (what the converter carries over).
     """
 
     to_online: Callable[[nn.Module, type[OnlineNormBase], ConvertOptions], OnlineNormBase]
     dim: int | None
     on_request: bool = False
+    online: type[OnlineNormBase] | None = None
+    holds: frozenset[str] = BATCH_NORM_STATE
+
+    def online_class(self, dim: int) -> type[OnlineNormBase]:
+        """The OnlineNorm class a layer of spatial rank ``dim`` becomes."""
+        return self.online or ONLINE_NORMS[dim]
 
 
 _REGISTRY: dict[type | str, Converter] = {}
 
 
-def register_converter(module_type: type | str, *, dim: int | None, on_request: bool = False):
+def register_converter(
+    module_type: type | str,
+    *,
+    dim: int | None,
+    on_request: bool = False,
+    online: type[OnlineNormBase] | None = None,
+    holds: frozenset[str] = BATCH_NORM_STATE,
+):
     """Register ``fn(module, online_cls, options) -> OnlineNormBase`` for ``module_type``.
 
     ``module_type`` is a class, or a class name for libraries onorm does not import
-    (matched by name, e.g. torchvision's ``"FrozenBatchNorm2d"``). Subclasses use their
-    base's converter unless they change its ``forward`` or add state.
+    (matched by name, e.g. torchvision's ``"FrozenBatchNorm2d"``). ``online`` is the class
+    it converts to (default: the OnlineNorm of the layer's rank) and ``holds`` the type's
+    direct parameters, buffers and submodules. Subclasses use their base's converter unless
+    they compute more (:func:`onorm_convert.shared.added_behaviour`).
     """
 
     def decorate(fn):
-        _REGISTRY[module_type] = Converter(fn, dim, on_request)
+        _REGISTRY[module_type] = Converter(fn, dim, on_request, online, holds)
         return fn
 
     return decorate
@@ -178,7 +203,7 @@ def convert_with_report(
                 )
             continue
         converter = find_converter(change.module)
-        online = converter.to_online(change.module, ONLINE_NORMS[change.dim], options)
+        online = converter.to_online(change.module, converter.online_class(change.dim), options)
         online.layer_name = change.name  # named in the layer's own errors
         online.train(change.module.training)
         replacements[id(change.module)] = online
@@ -219,18 +244,15 @@ def plan_conversion(
         change.note = _reason_to_skip(module, converter, names[module], include, exclude, frozen_bn)
         if not change.note:
             change.dim, change.note = _dimension(model, module, converter, observed)
-            change.new_type = ONLINE_NORMS[change.dim].__name__
+            change.new_type = converter.online_class(change.dim).__name__
         changes.append(change)
     return changes
 
 
 def find_converter(module: nn.Module) -> Converter | None:
     """The converter registered for ``module``'s class or its nearest registered base (by class or by name)."""
-    for cls in type(module).__mro__:
-        converter = _REGISTRY.get(cls) or _REGISTRY.get(cls.__name__)
-        if converter is not None:
-            return converter
-    return None
+    found = nearest_known(module, _REGISTRY)
+    return None if found is None else found[1]
 
 
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -239,6 +261,12 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     The BatchNorm computes ``weight * (x - mean) / sqrt(var + eps) + bias``: the eval output
     without the ECM. Layers with a clamp or layer scaling get a :class:`ConversionWarning`,
     since the BatchNorm cannot apply it. Parameters are the same tensors.
+
+    An :class:`OnlineNormAct2d` becomes the BatchNorm class it replaced (``reverts_to``, e.g.
+    timm's ``BatchNormAct2d``) built as ``cls(num_features, eps=..., affine=...)`` and given
+    the same ``drop`` and ``act`` modules; where that class is unknown, is no BatchNorm (timm's
+    ``FrozenBatchNormAct2d``) or cannot be built so, it becomes
+    ``nn.Sequential(BatchNorm2d, drop, act)``, which computes the same.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -252,7 +280,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             ConversionWarning,
             stacklevel=2,
         )
-    return swap_modules(model, {id(m): _to_batchnorm(m) for m in online})
+    return swap_modules(model, {id(m): _reverted(m) for m in online})
 
 
 # --- the registered converters ----------------------------------------------------------------
@@ -286,6 +314,32 @@ def online_from_frozen_batchnorm(
     return online
 
 
+# timm's norm-act layers, matched by name so that timm stays optional.
+@register_converter("BatchNormAct2d", dim=2, online=OnlineNormAct2d, holds=NORM_ACT_STATE)
+@register_converter("SyncBatchNormAct", dim=2, online=OnlineNormAct2d, holds=NORM_ACT_STATE)
+def online_from_batchnorm_act(
+    bn: nn.Module, online_cls: type[OnlineNormAct2d], options: ConvertOptions
+) -> OnlineNormAct2d:
+    """An OnlineNormAct2d equal to timm's BatchNormAct2d (or SyncBatchNormAct) in eval: the norm, then its own drop and act."""
+    return _with_drop_and_act(online_from_batchnorm(bn, online_cls, options), bn)
+
+
+@register_converter("FrozenBatchNormAct2d", dim=2, on_request=True, online=OnlineNormAct2d, holds=NORM_ACT_STATE)
+def online_from_frozen_batchnorm_act(
+    bn: nn.Module, online_cls: type[OnlineNormAct2d], options: ConvertOptions
+) -> OnlineNormAct2d:
+    """An OnlineNormAct2d equal to timm's FrozenBatchNormAct2d in eval; its buffers become trainable parameters."""
+    return _with_drop_and_act(online_from_frozen_batchnorm(bn, online_cls, options), bn)
+
+
+def _with_drop_and_act(online: OnlineNormAct2d, bn: nn.Module) -> OnlineNormAct2d:
+    """``online`` given ``bn``'s very drop and act modules (SyncBatchNormAct may lack them: Identity stays)."""
+    online.drop = getattr(bn, "drop", online.drop)
+    online.act = getattr(bn, "act", online.act)
+    online.reverts_to = type(bn)
+    return online
+
+
 def _new_online(
     bn: nn.Module, online_cls: type[OnlineNormBase], options: ConvertOptions, affine: bool
 ) -> OnlineNormBase:
@@ -306,10 +360,37 @@ def _copy_stats(online: OnlineNormBase, mean: Tensor, var: Tensor) -> None:
         online.running_var.copy_(var)
 
 
-def _to_batchnorm(online: OnlineNormBase) -> nn.modules.batchnorm._BatchNorm:
-    dim = next(d for d, cls in ONLINE_NORMS.items() if isinstance(online, cls))
+def _reverted(online: OnlineNormBase) -> nn.Module:
+    """The BatchNorm (with its drop and act, for an OnlineNormAct2d) that computes what ``online`` does without its ECM."""
+    if not isinstance(online, OnlineNormAct2d):
+        return _to_batchnorm(online, BATCH_NORMS[_rank(online)])
+    bn = _original_batchnorm(online)
+    if bn is None:
+        return nn.Sequential(_to_batchnorm(online, nn.BatchNorm2d), online.drop, online.act).train(online.training)
+    bn.drop, bn.act = online.drop, online.act
+    return bn
+
+
+def _original_batchnorm(online: OnlineNormAct2d) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm class ``online`` replaced (``reverts_to``) built from its settings; None where it cannot be."""
+    original = online.reverts_to
+    if original is None or not issubclass(original, nn.modules.batchnorm._BatchNorm):
+        return None
+    try:
+        return _to_batchnorm(online, original)
+    except TypeError:  # its constructor takes other arguments
+        return None
+
+
+def _rank(online: OnlineNormBase) -> int:
+    return next(d for d, cls in ONLINE_NORMS.items() if isinstance(online, cls))
+
+
+def _to_batchnorm(
+    online: OnlineNormBase, bn_cls: type[nn.modules.batchnorm._BatchNorm]
+) -> nn.modules.batchnorm._BatchNorm:
     reference = online.weight if online.affine else online.running_mean
-    bn = BATCH_NORMS[dim](
+    bn = bn_cls(
         online.num_features, eps=online.eps, affine=online.affine, device=reference.device, dtype=reference.dtype
     )
     if online.affine:
@@ -398,25 +479,14 @@ def _reason_to_skip(
         return f"no converter for {type(module).__name__} (register one with onorm_convert.convert.register_converter)"
     if converter.on_request and not frozen_bn:
         return f"{type(module).__name__} is converted only on request (--frozen-bn)"
-    extra = _extra_behaviour(module)
+    extra = added_behaviour(module, nearest_known(module, _REGISTRY)[0], converter.holds)
     if extra:
-        return extra
+        return f"{extra}; converting it would change what it computes"
     if exclude and any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude):
         return "excluded (--exclude)"
     if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
         return "not included (--include)"
     _check_finite_stats(module, names[0])
-    return ""
-
-
-def _extra_behaviour(module: nn.Module) -> str:
-    """Why a subclass of a registered type would compute differently as a plain OnlineNorm ("" if it would not)."""
-    base = next(cls for cls in type(module).__mro__ if cls in _REGISTRY or cls.__name__ in _REGISTRY)
-    if type(module).forward is not base.forward:
-        return f"{type(module).__name__} overrides forward (it does more than {base.__name__}); converting it would change what it computes"
-    extra_state = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    if list(module.children()) or extra_state - _BN_STATE:
-        return f"{type(module).__name__} holds more than {base.__name__} (submodules or extra state); converting it would drop them"
     return ""
 
 

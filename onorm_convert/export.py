@@ -6,7 +6,10 @@ producers, the clamp kept or stripped), the format's exporter (:data:`EXPORTERS`
 default), then the written file, loaded as its runtime loads it, against the PyTorch model in
 eval mode (clamp stripped from it too when stripped from the export).
 The file is written to a temp file beside the destination and reaches the destination
-only once it verified; on a mismatch it is removed, or kept under a clearly failed name.
+only once it verified; on a mismatch it is removed, or kept under a clearly failed name, and
+the failing batches can be saved (``save_failing``). A stripped export is verified against the
+stripped model (what it computes), and compared with the clamped (trained) model on the same
+batches too, for information.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import io
 import logging
 import os
+import re
 import time
 import warnings
 from collections import Counter
@@ -26,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +41,10 @@ from .inputs import run_model
 from .options import ExportOptions
 from .shared import check_model_values, check_returns_tensors, strip_clamps
 from .verify import (
+    AgreementMeter,
+    BatchResult,
     ClampAuditReport,
+    ReferenceAgreement,
     Tolerance,
     VerifyReport,
     clamp_audit,
@@ -48,6 +56,9 @@ from .verify import (
 
 FAILED_SUFFIX = ".verification-failed"
 Runner = Callable[[Sequence[Tensor]], list]  # runs the written file on one batch: its outputs, flattened
+ExampleInputs = Tensor | Sequence[Tensor]  # one tensor per model input; a bare tensor for a one-input model
+STRIPPED_REFERENCE = "the PyTorch model with the clamp stripped"
+CLAMPED_REFERENCE = "the PyTorch model with its clamp (as trained)"
 
 
 class Format(str, Enum):
@@ -73,6 +84,8 @@ class ExportReport:
     input_shapes: list[tuple[int, ...]]
     verification: VerifyReport | None = None  # None: not verified (--no-verify)
     clamp_audit: ClampAuditReport | None = None  # only with strip_clamp and real inputs
+    clamped_agreement: ReferenceAgreement | None = None  # only with strip_clamp: the export against the clamped model
+    saved_failing: list[str] = field(default_factory=list)  # the .npz files of the failing batches (save_failing)
     op_counts: dict[str, int] = field(default_factory=dict)  # ONNX op type -> count
     kept_failed: str | None = None  # where a file that failed verification was kept
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
@@ -90,6 +103,8 @@ class ExportReport:
             "fold": self.fold.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "clamp_audit": None if self.clamp_audit is None else self.clamp_audit.to_dict(),
+            "clamped_agreement": None if self.clamped_agreement is None else self.clamped_agreement.to_dict(),
+            "saved_failing": self.saved_failing,
             "op_counts": self.op_counts,
             "kept_failed": self.kept_failed,
             "seconds": {step: round(value, 3) for step, value in self.seconds.items()},
@@ -202,7 +217,8 @@ class OnnxExporter:
     suffix = ".onnx"
 
     def describe(self, options: ExportOptions) -> str:
-        return f"ONNX (opset {options.opset or 'default'}, {_batch_kind(options)} batch)"
+        opset = f"opset {options.opset}" if options.opset else "the exporter's default opset"
+        return f"ONNX ({opset}, {_batch_kind(options)} batch)"
 
     def write(
         self, model: nn.Module, example_inputs: Sequence[Tensor], path: Path, options: ExportOptions
@@ -285,6 +301,41 @@ def _reference(model: nn.Module, strip_clamp: bool) -> nn.Module:
     return strip_clamps(model) if strip_clamp else copy.deepcopy(model).eval()
 
 
+def _as_tensor_list(inputs: ExampleInputs) -> list[Tensor]:
+    """``inputs`` as a list of tensors: a bare tensor is the one input of a one-input model."""
+    return [inputs] if isinstance(inputs, Tensor) else list(inputs)
+
+
+def save_failing_batches(folder: Path | str, failing: Sequence[BatchResult]) -> list[str]:
+    """Save each failing batch as ``FOLDER/failing-<batch>.npz``; returns the paths written.
+
+    Each archive holds the inputs (``input_0``, ...), the reference's outputs
+    (``reference_0``, ...), the candidate's where it ran (``candidate_0``, ...) and the output
+    labels (``output_labels``). ``folder`` is created if missing; an existing file is never
+    replaced: the first free ``failing-<batch>-K.npz`` is used instead.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(_save_batch(folder, result)) for result in failing]
+
+
+def _save_batch(folder: Path, result: BatchResult) -> Path:
+    arrays = {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(result.inputs)}
+    arrays |= {f"reference_{i}": value for i, (_, value) in enumerate(result.expected)}
+    arrays |= {f"candidate_{i}": np.asarray(value) for i, value in enumerate(result.actual or [])}
+    arrays["output_labels"] = np.array([label for label, _ in result.expected])
+    stem = "failing-" + re.sub(r"[^a-z0-9]+", "-", result.label.lower()).strip("-")
+    attempt = 1
+    while True:
+        path = folder / (f"{stem}.npz" if attempt == 1 else f"{stem}-{attempt}.npz")
+        try:
+            with path.open("xb") as file:  # exclusive: never over an existing file, even one made meanwhile
+                np.savez(file, **arrays)
+            return path
+        except FileExistsError:
+            attempt += 1
+
+
 def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: bool, replace: bool) -> ExportReport:
     """Publish ``staged`` if it verified (or was not verified); else keep it aside or drop it and raise."""
     if report.verification is None or report.verification.passed:
@@ -292,6 +343,8 @@ def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: 
         report.path = str(destination)
         return report
     message = report.verification.summary()
+    if report.saved_failing:
+        message += f"; the failing batches were saved as {', '.join(map(quoted, report.saved_failing))}"
     if keep_failed:
         kept = failed_path(destination)
         publish(staged, kept, replace=False)  # never an earlier failed file
@@ -305,7 +358,7 @@ def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: 
 def export_onnx(
     model: nn.Module,
     path: Path | str,
-    example_inputs: Sequence[Tensor],
+    example_inputs: ExampleInputs,
     *,
     strip_clamp: bool = False,
     opset: int | None = None,
@@ -317,13 +370,15 @@ def export_onnx(
     keep_failed: bool = False,
     replace: bool = True,
     progress: Callable[[str], None] | None = None,
+    save_failing: Path | str | None = None,
 ) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``path`` and verify it with onnxruntime.
 
     Args:
         model: the PyTorch model; never modified.
         path: the destination; written (replaced) only once the export verified.
-        example_inputs: one tensor per model input; their shapes are the declared shapes.
+        example_inputs: one tensor per model input (a bare tensor for a one-input model); their shapes are
+            the declared shapes.
         strip_clamp: remove OnlineNorm's activation clamp (from the export and the reference).
         opset: ONNX opset, :data:`~onorm_convert.options.MIN_OPSET` to
             :data:`~onorm_convert.options.MAX_OPSET`; None for the exporter's default.
@@ -336,6 +391,8 @@ def export_onnx(
         replace: replace a file at ``path``; when False, a file there (even one that appeared while
             exporting) is left alone and the export fails with BadInputError.
         progress: called with a short line before each step.
+        save_failing: a folder where a failed verification saves each failing batch as an ``.npz`` file
+            (see :func:`save_failing_batches`); created if missing.
 
     Returns:
         The :class:`ExportReport`. Raises :class:`ExportMismatchError` (exit 1) on a mismatch,
@@ -346,13 +403,16 @@ def export_onnx(
         strip_clamp=strip_clamp, opset=opset, dynamic_batch=dynamic_batch, verify=verify,
         atol=atol, rtol=rtol, keep_failed=keep_failed, replace=replace,
     )  # fmt: skip
-    return export_model(Format.ONNX, model, path, example_inputs, options, real_inputs=real_inputs, progress=progress)
+    return export_model(
+        Format.ONNX, model, path, example_inputs, options,
+        real_inputs=real_inputs, progress=progress, save_failing=save_failing,
+    )  # fmt: skip
 
 
 def export_torch(
     model: nn.Module,
     path: Path | str,
-    example_inputs: Sequence[Tensor],
+    example_inputs: ExampleInputs,
     *,
     strip_clamp: bool = False,
     dynamic_batch: bool = True,
@@ -363,6 +423,7 @@ def export_torch(
     keep_failed: bool = False,
     replace: bool = True,
     progress: Callable[[str], None] | None = None,
+    save_failing: Path | str | None = None,
 ) -> ExportReport:
     """Fold ``model``, write it as a ``torch.export`` program (``.pt2``) at ``path`` and verify the reloaded program.
 
@@ -371,7 +432,8 @@ def export_torch(
     Args:
         model: the PyTorch model; never modified.
         path: the destination; written (replaced) only once the export verified.
-        example_inputs: one tensor per model input; their shapes are the declared shapes.
+        example_inputs: one tensor per model input (a bare tensor for a one-input model); their shapes are
+            the declared shapes.
         strip_clamp: remove OnlineNorm's activation clamp (from the export and the reference).
         dynamic_batch: make dim 0 of every input dynamic.
         verify: run the reloaded program against the PyTorch model; when False the file is published unverified.
@@ -382,6 +444,7 @@ def export_torch(
         replace: replace a file at ``path``; when False, a file there (even one that appeared while
             exporting) is left alone and the export fails with BadInputError.
         progress: called with a short line before each step.
+        save_failing: as for :func:`export_onnx`.
 
     Returns:
         The :class:`ExportReport`; raises as :func:`export_onnx` does.
@@ -390,18 +453,22 @@ def export_torch(
         strip_clamp=strip_clamp, dynamic_batch=dynamic_batch, verify=verify,
         atol=atol, rtol=rtol, keep_failed=keep_failed, replace=replace,
     )  # fmt: skip
-    return export_model(Format.TORCH, model, path, example_inputs, options, real_inputs=real_inputs, progress=progress)
+    return export_model(
+        Format.TORCH, model, path, example_inputs, options,
+        real_inputs=real_inputs, progress=progress, save_failing=save_failing,
+    )  # fmt: skip
 
 
 def export_model(
     fmt: Format,
     model: nn.Module,
     path: Path | str,
-    example_inputs: Sequence[Tensor],
+    example_inputs: ExampleInputs,
     options: ExportOptions,
     *,
-    real_inputs: Sequence[Tensor] | None = None,
+    real_inputs: ExampleInputs | None = None,
     progress: Callable[[str], None] | None = None,
+    save_failing: Path | str | None = None,
 ) -> ExportReport:
     """Fold ``model``, export it in format ``fmt`` at ``path`` and verify the written file.
 
@@ -411,7 +478,8 @@ def export_model(
     say = progress or (lambda text: None)
     exporter = EXPORTERS[fmt]
     destination = Path(path)
-    example_inputs = list(example_inputs)
+    example_inputs = _as_tensor_list(example_inputs)
+    real_inputs = None if real_inputs is None else _as_tensor_list(real_inputs)
     shapes = [tuple(t.shape) for t in example_inputs]
     seconds: dict[str, float] = {}
 
@@ -439,11 +507,12 @@ def export_model(
 
         if options.verify:
             start = time.perf_counter()
-            say("verifying against the PyTorch model")
-            batches = verification_batches(shapes, dynamic_batch=options.dynamic_batch, real_inputs=real_inputs)
             run, runtime = exporter.runner(staged)
-            report.verification = verify_outputs(reference, run, runtime, batches, atol=options.atol, rtol=options.rtol)
+            batches = verification_batches(shapes, dynamic_batch=options.dynamic_batch, real_inputs=real_inputs)
+            _verify(report, model, reference, run, runtime, batches, options, save_failing, say)
             seconds["verify"] = time.perf_counter() - start
+            if report.clamped_agreement is not None and real_inputs is None:
+                report.warnings.append(_stripped_only_warning(report.clamped_agreement))
         else:
             report.warnings.append(
                 "verification skipped (--no-verify): the exported model was not compared with PyTorch"
@@ -455,6 +524,52 @@ def export_model(
             if not report.clamp_audit.clean:
                 report.warnings.append(_clamp_warning(report.clamp_audit))
         return _finish(staged, destination, report, options.keep_failed, options.replace)
+
+
+def _verify(
+    report: ExportReport,
+    model: nn.Module,
+    reference: nn.Module,
+    run: Runner,
+    runtime: str,
+    batches: Sequence[tuple[str, list[Tensor]]],
+    options: ExportOptions,
+    save_failing: Path | str | None,
+    say: Callable[[str], None],
+) -> None:
+    """Verify the written file (``run``) against ``reference`` into ``report``, with the figures beyond the checks.
+
+    A stripped export is compared with the clamped ``model`` on the same batches too
+    (``report.clamped_agreement``); failing batches are saved into ``save_failing`` when given.
+    """
+    reference_name = STRIPPED_REFERENCE if options.strip_clamp else "the PyTorch model"
+    say(f"verifying against {reference_name}")
+    clamped = AgreementMeter(_reference(model, False), CLAMPED_REFERENCE) if options.strip_clamp else None
+    failing: list[BatchResult] = []  # kept only for save_failing: they hold every input and output
+
+    def on_batch(result: BatchResult) -> None:
+        if clamped is not None:
+            clamped(result)
+        if save_failing is not None and not result.passed:
+            failing.append(result)
+
+    report.verification = verify_outputs(
+        reference, run, runtime, batches, atol=options.atol, rtol=options.rtol,
+        reference_name=reference_name, on_batch=on_batch,
+    )  # fmt: skip
+    report.clamped_agreement = None if clamped is None else clamped.agreement
+    if failing:
+        report.saved_failing = save_failing_batches(save_failing, failing)
+
+
+def _stripped_only_warning(agreement: ReferenceAgreement) -> str:
+    """What a stripped export without real inputs was verified against, and how far it is from the trained model."""
+    worst = max((batch.max_abs_diff for batch in agreement.batches), default=float("nan"))
+    return (
+        f"verified against {STRIPPED_REFERENCE} on random inputs only; against {agreement.reference} "
+        f"the export differs by up to {worst:.3g} on the same batches "
+        "(pass --inputs with real data to audit the clamp)"
+    )
 
 
 def _clamp_warning(audit: ClampAuditReport) -> str:

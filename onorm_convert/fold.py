@@ -4,8 +4,14 @@ With frozen statistics an OnlineNorm (or BatchNorm) layer is a per-channel affin
 ``scale * x + shift`` followed by its error compensation (ECM). Where a Conv,
 ConvTranspose or Linear module feeds the layer and nothing else reads its output,
 the affine map folds into that module's weight and bias and the layer disappears;
-a kept clamp stays as a :class:`Clamp` after it, layer scaling as a :class:`LayerScale`.
-Otherwise the layer becomes one :class:`ChannelAffine` (plus its ECM).
+a kept clamp stays as a :class:`Clamp` after it, layer scaling as a :class:`LayerScale`,
+and an :class:`~onorm_convert.layers.OnlineNormAct2d`'s drop and act after those.
+Otherwise the layer becomes one :class:`ChannelAffine` (plus what follows it).
+
+A norm or producer subclass that computes more than the class it extends
+(:func:`onorm_convert.shared.added_behaviour`: timm's unconverted ``BatchNormAct2d``, a
+``StdConv2d``) is never folded as a plain one; a producer subclass that computes the
+same (torchvision's ``Conv3DSimple``) folds like its base.
 
 Producers are found on the ``torch.fx`` graph; a model ``torch.fx`` cannot trace is
 still folded, layer by layer into standalone affine modules, and the report says why.
@@ -27,12 +33,25 @@ from torch.nn.modules.conv import _ConvNd
 
 from .errors import BadInputError, first_line
 from .inputs import run_model
-from .layers import OnlineNormBase
+from .layers import ONLINE_NORMS, STATE_BUFFERS, OnlineNormAct2d, OnlineNormBase
 from .layers.functional import CLAMP, LAYER_SCALING, frozen_affine, layer_scale
-from .shared import non_finite_state
+from .shared import BATCH_NORM_STATE, PRODUCER_STATE, added_behaviour, nearest_known, non_finite_state
 
 NORM_TYPES = (OnlineNormBase, _BatchNorm)
-PRODUCER_TYPES = (_ConvNd, nn.Linear)
+_ONLINE_NORM_STATE = frozenset({"weight", "bias", *STATE_BUFFERS})
+# The norms that are a frozen per-channel affine map (then their ECM, then drop and act), by their direct state;
+# the concrete classes name the base in messages, the abstract ones cover other direct subclasses.
+_PLAIN_NORMS: dict[type, frozenset[str]] = {
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _BatchNorm), BATCH_NORM_STATE),
+    **dict.fromkeys((*ONLINE_NORMS.values(), OnlineNormBase), _ONLINE_NORM_STATE),
+    OnlineNormAct2d: _ONLINE_NORM_STATE | {"drop", "act"},
+}
+# The producers an affine map folds into, and their subclasses that compute the same.
+_PRODUCERS: dict[type, frozenset[str]] = {
+    cls: PRODUCER_STATE
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+}
+PRODUCER_TYPES = tuple(_PRODUCERS)
 
 
 class FoldAction(str, Enum):
@@ -195,8 +214,18 @@ def ecm_module(norm: nn.Module, strip_clamp: bool) -> tuple[nn.Module | None, st
     return None, "none"
 
 
+def after_affine(norm: nn.Module, strip_clamp: bool) -> tuple[list[nn.Module], str]:
+    """The modules that follow ``norm``'s folded affine map (its ECM, then an OnlineNormAct2d's drop and act) and the ECM's description."""
+    ecm, ecm_text = ecm_module(norm, strip_clamp)
+    tail = [norm.drop, norm.act] if isinstance(norm, OnlineNormAct2d) else []
+    return [m for m in (ecm, *tail) if m is not None and not isinstance(m, nn.Identity)], ecm_text
+
+
 def unfoldable_reason(norm: nn.Module) -> str | None:
     """Why ``norm`` cannot become a frozen affine map at all, or None if it can."""
+    base, holds = nearest_known(norm, _PLAIN_NORMS)
+    if extra := added_behaviour(norm, base, holds):
+        return f"{extra}, so it is kept as it is and exported as its own ops"
     if norm.running_mean is None or norm.running_var is None:
         return "uses batch statistics in eval mode (track_running_stats=False), so it is not a fixed affine map"
     return None
@@ -213,17 +242,25 @@ def checked_affine(name: str, norm: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def standalone_module(scale: Tensor, shift: Tensor, ecm: nn.Module | None) -> nn.Module:
-    """One per-channel affine op, followed by the ECM module if any."""
-    affine = ChannelAffine(scale.to(torch.float32), shift.to(torch.float32))
-    return affine if ecm is None else nn.Sequential(affine, ecm)
+def standalone_module(scale: Tensor, shift: Tensor, after: Sequence[nn.Module]) -> nn.Module:
+    """One per-channel affine op, followed by the modules ``after`` it (see :func:`after_affine`)."""
+    return chained([ChannelAffine(scale.to(torch.float32), shift.to(torch.float32)), *after])
+
+
+def chained(modules: Sequence[nn.Module]) -> nn.Module:
+    """``modules`` applied in turn, as one module (the module itself when there is one)."""
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
 
 class _NormLeafTracer(fx.Tracer):
-    """fx tracer that keeps normalization layers as single ``call_module`` nodes."""
+    """fx tracer that keeps normalization layers and producers as single ``call_module`` nodes.
+
+    A producer subclass from any library (torchvision's ``Conv3DSimple``) would otherwise be
+    traced into and its conv lost to the fold; as a node, it folds or the report says why not.
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, NORM_TYPES) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, NORM_TYPES + PRODUCER_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -251,11 +288,14 @@ def _producer_or_reason(
         what = f"{src.op} {getattr(src.target, '__name__', src.target)}" if isinstance(src, fx.Node) else repr(src)
         return None, f"its input is not the output of a Conv/ConvTranspose/Linear module (it comes from {what})"
     producer = modules[src.target]
-    if not isinstance(producer, PRODUCER_TYPES):
+    known = nearest_known(producer, _PRODUCERS)
+    if known is None:
         return (
             None,
             f"its input comes from '{src.target}' ({type(producer).__name__}), which cannot absorb an affine map",
         )
+    if extra := added_behaviour(producer, *known):
+        return None, f"its input comes from '{src.target}': {extra}, which an affine map cannot fold into"
     others = [user.name for user in src.users if user is not node]
     if others:
         return None, f"the output of '{src.target}' also feeds {', '.join(others)}"
@@ -317,18 +357,18 @@ def _fold_graph(gm: fx.GraphModule, strip_clamp: bool, ranks: dict[str, int]) ->
             steps.append(FoldStep(name, kind, FoldAction.KEPT, None, "none", reason))
             continue
         scale, shift = checked_affine(name, norm)
-        ecm, ecm_text = ecm_module(norm, strip_clamp)
+        after, ecm_text = after_affine(norm, strip_clamp)
         producer_node, reason = _producer_or_reason(node, modules, calls, shared, ranks)
         if producer_node is None:
-            _set_submodule(gm, name, standalone_module(scale, shift, ecm))
+            _set_submodule(gm, name, standalone_module(scale, shift, after))
             steps.append(FoldStep(name, kind, FoldAction.AFFINE, None, ecm_text, reason))
             continue
         fold_into_producer(modules[producer_node.target], scale, shift)
-        if ecm is None:
+        if after:
+            _set_submodule(gm, name, chained(after))
+        else:
             node.replace_all_uses_with(producer_node)
             gm.graph.erase_node(node)
-        else:
-            _set_submodule(gm, name, ecm)
         steps.append(FoldStep(name, kind, FoldAction.FOLDED, producer_node.target, ecm_text, ""))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -345,11 +385,11 @@ def _fold_standalone(model: nn.Module, strip_clamp: bool, reason: str) -> tuple[
             steps.append(FoldStep(name, kind, FoldAction.KEPT, None, "none", why_kept))
             continue
         scale, shift = checked_affine(name, norm)
-        ecm, ecm_text = ecm_module(norm, strip_clamp)
+        after, ecm_text = after_affine(norm, strip_clamp)
         if name:
-            _set_submodule(model, name, standalone_module(scale, shift, ecm))
+            _set_submodule(model, name, standalone_module(scale, shift, after))
         else:  # the model is a bare norm layer
-            model = standalone_module(scale, shift, ecm)
+            model = standalone_module(scale, shift, after)
         steps.append(FoldStep(name or "<model>", kind, FoldAction.AFFINE, None, ecm_text, reason))
     return steps, model
 

@@ -2,16 +2,16 @@
 
 The neutral module below load -> convert -> fold -> export -> verify: each stage may use
 it, and it uses none of them. One home each for: the tensors a model returns, the values
-it holds (damaged or not), running it in eval mode, and turning OnlineNorm's error
-compensation (ECM) off.
+it holds (damaged or not), whether a subclass computes more than the class it extends,
+running it in eval mode, and turning OnlineNorm's error compensation (ECM) off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,52 @@ def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Mod
             if child is not None and id(child) in replacements:
                 parent._modules[name] = replacements[id(child)]
     return model
+
+
+# --- subclasses ---------------------------------------------------------------------------------
+
+# The direct state (parameters, buffers, submodules) of the classes a stage knows how to handle.
+BATCH_NORM_STATE = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+NORM_ACT_STATE = BATCH_NORM_STATE | {"drop", "act"}  # timm's norm-act layers: the norm, then .drop, then .act
+PRODUCER_STATE = frozenset({"weight", "bias"})  # Conv, ConvTranspose, Linear
+# The methods a known class computes its output with: a subclass overriding one computes something else.
+_COMPUTING_METHODS = ("forward", "_conv_forward", "frozen_forward")
+
+Known = TypeVar("Known")
+
+
+def nearest_known(module: nn.Module, known: Mapping[type | str, Known]) -> tuple[type, Known] | None:
+    """The first class in ``module``'s MRO that ``known`` holds (by class or by class name), with its entry; None if none."""
+    for cls in type(module).__mro__:
+        entry = known.get(cls, known.get(cls.__name__))
+        if entry is not None:
+            return cls, entry
+    return None
+
+
+def added_behaviour(module: nn.Module, base: type, holds: Collection[str]) -> str:
+    """Why ``module`` computes more than ``base``, a class in its MRO whose direct state is ``holds`` ("" if it does not).
+
+    The one rule for "a subclass that computes more": it overrides a method ``base`` computes
+    its output with, or holds a parameter, buffer or submodule ``base`` does not. Such a module
+    is left as it is (never converted or folded as a plain ``base``) and exported as its own ops.
+    """
+    kind = type(module).__name__
+    overridden = [name for name in _COMPUTING_METHODS if _overrides(type(module), base, name)]
+    if overridden:
+        return f"{kind} overrides {overridden[0]} (it does more than {base.__name__})"
+    extra = sorted(_direct_state(module) - set(holds))
+    if extra:
+        return f"{kind} holds more than {base.__name__} ({', '.join(map(repr, extra))})"
+    return ""
+
+
+def _overrides(cls: type, base: type, name: str) -> bool:
+    return hasattr(base, name) and getattr(cls, name) is not getattr(base, name)
+
+
+def _direct_state(module: nn.Module) -> set[str]:
+    return {*module._parameters, *module._buffers, *module._modules}
 
 
 # --- modes ---------------------------------------------------------------------------------------

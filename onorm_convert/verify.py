@@ -5,6 +5,16 @@ a larger one, and real inputs when given); every output is compared element by e
 Polygraphy-style: it passes when ``|candidate - reference| <= atol + rtol * |reference|``
 everywhere and both are finite. A NaN never "matches" a NaN.
 
+The two tolerances add up, element by element: an element passes when its error is within
+``atol + rtol * |reference|``, so a small error on an element whose reference is near 0 can
+pass through ``atol`` with a large relative error (0.005 against ``rtol=0.001``), and a large
+error on a large element can pass through ``rtol``. Each check therefore reports, besides the
+maximum errors, their 50th and 99th percentiles, which tolerance carried the pass
+(``passes_by``), the smallest ``atol`` that would have passed with the given ``rtol``
+(``min_atol``) and the smallest ``rtol`` with the given ``atol`` (``min_rtol``), and, for
+logits (an ``(N, K)`` output, ``K > 1``), the fraction of rows with the same top-1 class, and
+with the same five top classes where ``K >= 5``.
+
 The clamp audit measures what stripping OnlineNorm's activation clamp changes on real
 inputs: per layer, the fraction of activations the clamp cuts and by how much.
 """
@@ -58,6 +68,30 @@ class OutputCheck:
     rtol: float
     passed: bool
     problem: str = ""  # why it failed, when it did
+    abs_p50: float = float("nan")  # median |candidate - reference|
+    abs_p99: float = float("nan")
+    rel_p50: float = float("nan")  # median relative error, over elements where reference != 0
+    rel_p99: float = float("nan")
+    min_atol: float = float("nan")  # the smallest atol that passes with this rtol
+    min_rtol: float = float("nan")  # the smallest rtol that passes with this atol; inf: none does
+    passes_by: str = ""  # "atol", "rtol", "atol or rtol" (each alone suffices), "atol + rtol" (only both); "" if failed
+    top1: float | None = None  # logits only: fraction of rows with the same top-1 class
+    top5: float | None = None  # logits with >= 5 classes: fraction of rows with the same five top classes
+
+
+@dataclass
+class ErrorFigures:
+    """How one output's errors are distributed, and which tolerances would have passed it (see :class:`OutputCheck`)."""
+
+    abs_p50: float = float("nan")
+    abs_p99: float = float("nan")
+    rel_p50: float = float("nan")
+    rel_p99: float = float("nan")
+    min_atol: float = float("nan")
+    min_rtol: float = float("nan")
+    passes_by: str = ""
+    top1: float | None = None
+    top5: float | None = None
 
 
 @dataclass
@@ -66,6 +100,7 @@ class VerifyReport:
 
     runtime: str  # what ran the exported model, e.g. "onnxruntime 1.18 (CPU)"
     checks: list[OutputCheck] = field(default_factory=list)
+    reference: str = "the PyTorch model"  # what the exported model was compared with
 
     @property
     def passed(self) -> bool:
@@ -81,13 +116,21 @@ class VerifyReport:
         worst_abs = max((c.max_abs for c in self.checks), default=float("nan"))
         worst_rel = max((c.max_rel for c in self.checks), default=float("nan"))
         verdict = "verified" if self.passed else f"MISMATCH in {len(self.failures())} of {len(self.checks)} checks"
-        line = f"{verdict} with {self.runtime}: max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}"
+        line = (
+            f"{verdict} with {self.runtime} against {self.reference}: "
+            f"max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}"
+        )
         problems = sorted({check.problem for check in self.failures() if check.problem})
         return line + (f" ({'; '.join(problems)})" if problems else "")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"passed": self.passed, "runtime": self.runtime, "checks": [asdict(check) for check in self.checks]}
+        return {
+            "passed": self.passed,
+            "runtime": self.runtime,
+            "reference": self.reference,
+            "checks": [asdict(check) for check in self.checks],
+        }
 
 
 def compare_arrays(
@@ -119,6 +162,63 @@ def compare_arrays(
     return max_abs, max_rel, within, "" if within else f"outside atol={atol:g} + rtol={rtol:g} * |reference|"
 
 
+def error_figures(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> ErrorFigures:
+    """The percentiles, the tolerances that carry or would carry the pass, and the top-k agreement of one output.
+
+    Only for outputs :func:`compare_arrays` could compare (same shape, finite everywhere).
+    """
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    diff, magnitude = np.abs(cand - ref), np.abs(ref)
+    nonzero = magnitude > 0
+    rel = diff[nonzero] / magnitude[nonzero]
+    abs_p50, abs_p99 = _percentiles(diff)
+    rel_p50, rel_p99 = _percentiles(rel)
+    min_atol = float(np.maximum(diff - rtol * magnitude, 0.0).max(initial=0.0))
+    beyond_atol_at_zero = bool((diff[~nonzero] > atol).any())
+    min_rtol = (
+        float("inf")
+        if beyond_atol_at_zero
+        else float(np.maximum(rel - atol / magnitude[nonzero], 0.0).max(initial=0.0))
+    )
+    return ErrorFigures(
+        abs_p50, abs_p99, rel_p50, rel_p99, min_atol, min_rtol,
+        passes_by=_passes_by(diff, magnitude, atol, rtol),
+        top1=topk_agreement(reference, candidate, 1),
+        top5=topk_agreement(reference, candidate, 5),
+    )  # fmt: skip
+
+
+def _percentiles(values: np.ndarray) -> tuple[float, float]:
+    """The 50th and 99th percentiles; 0 for no values (an empty output, or a reference that is 0 everywhere)."""
+    if not values.size:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99)
+
+
+def _passes_by(diff: np.ndarray, magnitude: np.ndarray, atol: float, rtol: float) -> str:
+    """Which tolerance carries the pass: "atol", "rtol", "atol or rtol", "atol + rtol"; "" when the output fails."""
+    by_atol = bool((diff <= atol).all())
+    by_rtol = bool((diff <= rtol * magnitude).all())
+    if by_atol or by_rtol:
+        return " or ".join(name for name, alone in (("atol", by_atol), ("rtol", by_rtol)) if alone)
+    return "atol + rtol" if bool((diff <= atol + rtol * magnitude).all()) else ""
+
+
+def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> float | None:
+    """For logits (an ``(N, K)`` output, ``K > 1``, ``N > 0``): the fraction of rows whose ``k`` top classes are the same set.
+
+    None when the output is not logits or has fewer than ``k`` classes.
+    """
+    if reference.ndim != 2 or reference.shape[1] < max(k, 2) or reference.shape[0] == 0:
+        return None
+
+    def top(values: np.ndarray) -> np.ndarray:
+        return np.sort(np.argsort(-values, axis=1, kind="stable")[:, :k], axis=1)
+
+    return float((top(reference) == top(candidate)).all(axis=1).mean())
+
+
 def compare_outputs(
     batch: str, reference: Outputs, candidate: Sequence[np.ndarray], atol: Tolerance, rtol: Tolerance
 ) -> list[OutputCheck]:
@@ -142,8 +242,13 @@ def compare_outputs(
     checks = []
     for (label, ref), cand in zip(reference, candidate):
         a, r = tolerance_for(label, atol), tolerance_for(label, rtol)
-        max_abs, max_rel, passed, problem = compare_arrays(ref, np.asarray(cand), a, r)
-        checks.append(OutputCheck(batch, label, tuple(ref.shape), max_abs, max_rel, a, r, passed, problem))
+        cand = np.asarray(cand)
+        max_abs, max_rel, passed, problem = compare_arrays(ref, cand, a, r)
+        compared = np.isfinite(max_abs)  # inf or nan: shapes differ or a value is not finite; no figures
+        figures = error_figures(ref, cand, a, r) if compared else ErrorFigures()
+        checks.append(
+            OutputCheck(batch, label, tuple(ref.shape), max_abs, max_rel, a, r, passed, problem, **asdict(figures))
+        )
     return checks
 
 
@@ -183,6 +288,22 @@ def onnxruntime_runner(path: Path) -> tuple[Callable[[Sequence[Tensor]], list[np
     return run, f"onnxruntime {onnxruntime.__version__} (CPU)"
 
 
+@dataclass
+class BatchResult:
+    """One verification batch as run: its inputs, both models' outputs and the checks of them."""
+
+    label: str
+    inputs: Sequence[Tensor]
+    expected: Outputs  # the reference's outputs
+    actual: list[np.ndarray] | None  # the candidate's; None when its runtime failed
+    checks: list[OutputCheck]
+
+    @property
+    def passed(self) -> bool:
+        """True when every check of this batch passed."""
+        return all(check.passed for check in self.checks)
+
+
 def verify_outputs(
     reference: nn.Module,
     run_candidate: Callable[[Sequence[Tensor]], list[np.ndarray]],
@@ -191,31 +312,82 @@ def verify_outputs(
     *,
     atol: Tolerance = 1e-4,
     rtol: Tolerance = 1e-3,
+    reference_name: str = "the PyTorch model",
+    on_batch: Callable[[BatchResult], None] | None = None,
 ) -> VerifyReport:
-    """Compare ``run_candidate`` with ``reference`` (an eval-mode module) on every batch."""
-    report = VerifyReport(runtime)
+    """Compare ``run_candidate`` with ``reference`` (an eval-mode module) on every batch.
+
+    ``reference_name`` says in the report what ``reference`` is; ``on_batch`` is called with
+    each :class:`BatchResult`, for figures beyond the checks (another reference, saving failures).
+    """
+    report = VerifyReport(runtime, reference=reference_name)
     for label, inputs in batches:
         expected = flatten_outputs(run_model(reference, inputs))
         try:
             actual = run_candidate(inputs)
         except Exception as err:  # noqa: BLE001 - the runtime rejecting the file is a failed verification
-            detail = first_line(err)
-            report.checks.append(
-                OutputCheck(
-                    label,
-                    "<all>",
-                    (),
-                    float("inf"),
-                    float("inf"),
-                    float("nan"),
-                    float("nan"),
-                    False,
-                    f"{runtime} failed: {detail}",
-                )
-            )
-            continue
-        report.checks.extend(compare_outputs(label, expected, actual, atol, rtol))
+            checks = [_runtime_failure(label, f"{runtime} failed: {first_line(err)}")]
+            actual = None
+        else:
+            checks = compare_outputs(label, expected, actual, atol, rtol)
+        report.checks.extend(checks)
+        if on_batch is not None:
+            on_batch(BatchResult(label, inputs, expected, actual, checks))
     return report
+
+
+def _runtime_failure(batch: str, problem: str) -> OutputCheck:
+    """The one failed check of a batch the candidate's runtime could not run."""
+    inf, nan = float("inf"), float("nan")
+    return OutputCheck(batch, "<all>", (), inf, inf, nan, nan, False, problem)
+
+
+@dataclass
+class BatchAgreement:
+    """The candidate against a second reference on one batch."""
+
+    batch: str
+    samples: int  # rows of the batch
+    max_abs_diff: float  # the largest |candidate - reference| over every output
+    top1_agreement: float | None  # fraction of rows with the same top-1 class in every logits output; None: no logits
+
+
+@dataclass
+class ReferenceAgreement:
+    """The exported model against a second reference on the verification batches: informational, never a failure."""
+
+    reference: str  # what it was compared with, e.g. "the PyTorch model with its clamp (as trained)"
+    batches: list[BatchAgreement] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+class AgreementMeter:
+    """Collects, batch by batch (an ``on_batch`` of :func:`verify_outputs`), how the candidate agrees with ``reference``."""
+
+    def __init__(self, reference: nn.Module, reference_name: str) -> None:
+        self.reference = reference  # eval mode
+        self.agreement = ReferenceAgreement(reference_name)
+
+    def __call__(self, result: BatchResult) -> None:
+        """Add one batch; a batch the candidate failed on, or whose outputs differ in structure, is left out."""
+        if result.actual is None or len(result.actual) != len(result.expected):
+            return
+        expected = [value for _, value in flatten_outputs(run_model(self.reference, result.inputs))]
+        pairs = [(ref, np.asarray(cand)) for ref, cand in zip(expected, result.actual)]
+        if any(ref.shape != cand.shape for ref, cand in pairs):
+            return
+        rows = int(result.inputs[0].shape[0]) if result.inputs else 0
+        same, logits = np.ones(rows, dtype=bool), False
+        for ref, cand in pairs:
+            if ref.ndim == 2 and ref.shape[0] == rows and ref.shape[1] > 1:
+                logits = True
+                same &= ref.argmax(axis=1) == cand.argmax(axis=1)
+        diff = max((float(np.abs(ref.astype(np.float64) - cand).max(initial=0.0)) for ref, cand in pairs), default=0.0)
+        top1 = float(same.mean()) if logits and rows else None
+        self.agreement.batches.append(BatchAgreement(result.label, rows, diff, top1))
 
 
 @dataclass

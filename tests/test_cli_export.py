@@ -295,3 +295,33 @@ def test_real_process_exit_codes_and_no_traceback(liar_file: Path, state_dict_fi
     assert bad.stderr.strip().splitlines() == [
         "onorm export: error: --input-shape '0,64': dimensions must be positive, e.g. 1,3,224,224"
     ]
+
+
+def test_text_names_the_opset_the_json_reports(state_dict_file: Path) -> None:
+    text = onorm(state_dict_file, "--arch", ARCH, "--input-shape", "1,64", "-o", state_dict_file.with_suffix(".a.onnx"))
+    as_json = onorm(
+        state_dict_file, "--arch", ARCH, "--input-shape", "1,64", "-o", state_dict_file.with_suffix(".b.onnx"), "--json"
+    )
+    assert text.exit_code == as_json.exit_code == 0, text.output + as_json.output
+    opset = json.loads(as_json.stdout)["opset"]
+    assert isinstance(opset, int) and f"ONNX opset {opset}\n" in text.stdout
+    assert "opset default" not in text.output
+
+
+def test_strip_clamp_without_inputs_says_what_it_verified_against(checkpoint_file: Path) -> None:
+    result = onorm(checkpoint_file, "--strip-clamp")
+    assert result.exit_code == 0, result.output
+    assert "against the PyTorch model with the clamp stripped" in result.stdout
+    assert "against the PyTorch model with its clamp (as trained) (for information, not verified)" in result.stdout
+    assert "verified against the PyTorch model with the clamp stripped on random inputs only" in result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("batch "))
+    assert "passes by" in header and "smallest atol/rtol" in header and "top-1/top-5" in header
+
+
+def test_save_failing_names_the_saved_batches(liar_file: Path) -> None:
+    folder = liar_file.parent / "failing"
+    result = onorm(liar_file, "--arch", "liarmodels:liar", "--input-shape", "1,64", "--save-failing", folder, "--json")
+    assert result.exit_code == 1, result.output
+    saved = json.loads(result.stdout)["saved_failing"]
+    assert sorted(Path(path).name for path in saved) == ["failing-random-batch-1.npz", "failing-random-batch-2.npz"]
+    assert sorted(folder.iterdir()) == sorted(map(Path, saved)) and all(path in result.stderr for path in saved)

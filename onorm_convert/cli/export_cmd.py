@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,6 +15,7 @@ from ..files import check_output_path
 from ..fold import FoldAction
 from ..inputs import fit_inputs, load_input_file, random_inputs
 from ..options import ExportOptions
+from ..verify import OutputCheck
 from .app import Console, app, format_table, report_error, run_command
 from .options import (
     ArchKwargsOpt,
@@ -30,7 +34,10 @@ from .options import (
 )
 
 FOLD_COLUMNS = ("layer", "type", "action", "into", "error compensation", "why not folded")
-CHECK_COLUMNS = ("batch", "output", "shape", "max abs err", "max rel err", "atol", "rtol", "result")
+CHECK_COLUMNS = (
+    "batch", "output", "shape", "abs err p50/p99/max", "rel err p50/p99/max", "atol", "rtol",
+    "passes by", "smallest atol/rtol", "top-1/top-5", "result",
+)  # fmt: skip
 AUDIT_COLUMNS = ("layer", "clamp", "activations cut", "fraction", "largest change")
 
 
@@ -62,6 +69,15 @@ def export(
     fmt: Annotated[
         str, typer.Option("--format", help="onnx, or torch for a torch.export program (.pt2).")
     ] = Format.ONNX.value,
+    save_failing: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-failing",
+            metavar="DIR",
+            help="On a verification failure, save each failing batch (inputs and both outputs) as .npz in DIR.",
+            show_default=False,
+        ),
+    ] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     key: KeyOpt = None,
@@ -93,16 +109,19 @@ def export(
             else fit_inputs(load_input_file(inputs), shapes, f"--inputs {quoted(inputs)}", static_batch)
         )
         header = {"input": str(model), "input_format": loaded.format, "output": str(destination)}
+        progress = StepProgress(console)
         try:
             report = export_model(
                 file_format, loaded.module, destination, random_inputs(shapes), options,
-                real_inputs=real, progress=console.progress,
+                real_inputs=real, progress=progress, save_failing=save_failing,
             )  # fmt: skip
         except ExportMismatchError as err:
+            progress.done()
             show_report(console, err.report)
             error = report_error("export", str(err), type(err).__name__)
             result = {**header, **err.report.to_dict(), "error": error}
             return EXIT_MISMATCH, result
+        progress.done()
         show_report(console, report)
         verdict = "verified" if report.verification is not None else "NOT verified"
         console.print(f"exported ({verdict}) -> {destination}")
@@ -119,6 +138,50 @@ def parse_format(text: str) -> Format:
         raise BadInputError(f"--format {text!r}: expected {' or '.join(Format)}") from None
 
 
+class StepProgress:
+    """Export's progress lines; on a terminal each is prefixed with the time since the export began, and ends with one for the last step.
+
+    On a pipe, or under --json, the lines are exactly the console's.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.timed = not console.json_mode and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        """Announce a step."""
+        self.console.progress(self._stamped(text) if self.timed else text)
+
+    def done(self) -> None:
+        """Close the last step: on a terminal, say when it ended."""
+        if self.timed:
+            self.console.progress(self._stamped("done"))
+
+    def _stamped(self, text: str) -> str:
+        return f"[{time.perf_counter() - self.start:6.1f} s] {text}"
+
+
+def check_row(check: OutputCheck) -> tuple[str, ...]:
+    """One row of the verification table."""
+
+    def figures(*values: float | None) -> str:
+        return "/".join("-" if value is None else f"{value:.3g}" for value in values)
+
+    return (
+        check.batch, check.output, "x".join(map(str, check.shape)),
+        figures(check.abs_p50, check.abs_p99, check.max_abs), figures(check.rel_p50, check.rel_p99, check.max_rel),
+        f"{check.atol:g}", f"{check.rtol:g}", check.passes_by or "-", figures(check.min_atol, check.min_rtol),
+        _agreement(check.top1, check.top5), "ok" if check.passed else f"FAIL: {check.problem}",
+    )  # fmt: skip
+
+
+def _agreement(*fractions: float | None) -> str:
+    """Top-k agreements as percentages; "-" where there are none (not logits)."""
+    shown = [f"{fraction:.1%}" for fraction in fractions if fraction is not None]
+    return "/".join(shown) or "-"
+
+
 def show_report(console: Console, report: ExportReport) -> None:
     """The fold table, the verification figures, the clamp audit and every warning."""
     steps = report.fold.steps
@@ -127,19 +190,20 @@ def show_report(console: Console, report: ExportReport) -> None:
         console.print(line)
     folded = report.fold.count(FoldAction.FOLDED)
     console.print(f"folded {folded} of {len(steps)} normalization layers into their producers")
+    if report.opset is not None:
+        console.print(f"ONNX opset {report.opset}")
     if report.op_counts:
         console.print("ONNX ops: " + ", ".join(f"{op} {count}" for op, count in report.op_counts.items()))
     if report.verification is not None:
-        checks = report.verification.checks
-        rows = [
-            (c.batch, c.output, "x".join(map(str, c.shape)), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.atol:g}", f"{c.rtol:g}",
-             "ok" if c.passed else f"FAIL: {c.problem}")
-            for c in checks
-        ]  # fmt: skip
         console.print()
-        for line in format_table(CHECK_COLUMNS, rows):
+        for line in format_table(CHECK_COLUMNS, [check_row(check) for check in report.verification.checks]):
             console.print(line)
         console.print(report.verification.summary())
+        console.print(TOLERANCE_NOTE)
+    if report.clamped_agreement is not None:
+        console.print(clamped_agreement_line(report))
+    for path in report.saved_failing:
+        console.print(f"failing batch saved -> {path}")
     if report.clamp_audit is not None and not report.clamp_audit.layers:
         console.print("clamp audit: the model has no clamped OnlineNorm layer")
     elif report.clamp_audit is not None:
@@ -155,3 +219,20 @@ def show_report(console: Console, report: ExportReport) -> None:
         )
     for warning in report.warnings:
         console.warn(warning)
+
+
+TOLERANCE_NOTE = (
+    "an element passes when |exported - PyTorch| <= atol + rtol * |PyTorch|: "
+    "'passes by' names the tolerance that carried it, 'smallest atol/rtol' what would still pass with the other as given"
+)
+
+
+def clamped_agreement_line(report: ExportReport) -> str:
+    """The stripped export against the clamped (trained) model, per batch: informational, never a failure."""
+    agreement = report.clamped_agreement
+    batches = "; ".join(
+        f"{batch.batch}: max abs diff {batch.max_abs_diff:.3g}"
+        + ("" if batch.top1_agreement is None else f", top-1 agreement {batch.top1_agreement:.2%}")
+        for batch in agreement.batches
+    )
+    return f"against {agreement.reference} (for information, not verified): {batches or 'no batch compared'}"

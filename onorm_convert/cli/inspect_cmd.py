@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
-from ..convert import plan_conversion
+from torch import nn
+
+from ..convert import ConversionWarning, convert_with_report, plan_conversion
 from ..errors import EXIT_OK
 from ..fold import fold_with_report
 from ..inputs import random_inputs
@@ -36,14 +40,18 @@ def inspect(
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List the normalization layers, what convert would change and what export could fold. Writes nothing."""
+    """List the normalization layers, what convert would change and what export could fold. Writes nothing.
+
+    The "export" column is what exporting the converted model does with each layer.
+    """
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
         shapes = parse_input_shapes(input_shape)
         loaded = load_for_cli(console, model, arch, arch_kwargs, key, trust)
         shapes = shapes or loaded.input_shapes
         changes = plan_conversion(loaded.module, example_shapes=shapes or None)
-        _, fold_report = fold_with_report(loaded.module, example_inputs=random_inputs(shapes) if shapes else None)
+        converted = _as_converted(loaded.module, shapes)
+        _, fold_report = fold_with_report(converted, example_inputs=random_inputs(shapes) if shapes else None)
         folds = {step.norm: step for step in fold_report.steps}
         layers = []
         for change in changes:
@@ -79,3 +87,10 @@ def inspect(
         return EXIT_OK, report
 
     run_command("inspect", json_mode, debug, body)
+
+
+def _as_converted(module: nn.Module, shapes: Sequence[Sequence[int]]) -> nn.Module:
+    """A copy of ``module`` as ``onorm convert`` would write it: the model whose export the "export" column describes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)  # the "convert" column already says what is left alone
+        return convert_with_report(module, example_shapes=shapes or None)[0]
