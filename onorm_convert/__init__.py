@@ -7,7 +7,7 @@ from .checkpoint import save_checkpoint
 from .convert import convert, revert
 from .export import export_onnx, export_torch
 from .fold import fold, fold_with_report
-from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormBase
+from .layers import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d, OnlineNormAct2d, OnlineNormBase
 from .load import load_model
 from .options import ConvertOptions, ExportOptions
 
@@ -19,6 +19,7 @@ __all__ = [
     "OnlineNorm1d",
     "OnlineNorm2d",
     "OnlineNorm3d",
+    "OnlineNormAct2d",
     "OnlineNormBase",
     "__version__",
     "convert",
