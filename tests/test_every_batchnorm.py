@@ -458,3 +458,36 @@ def test_a_plain_state_dict_of_a_converted_norm_act_model_keeps_its_activations(
         loaded = load_model(tmp_path / "sd.pt", arch="test_every_batchnorm:norm_act_net").eval()
     assert [type(m.act) for m in loaded[1::2]] == [nn.SiLU, nn.LeakyReLU, nn.Identity]
     assert_same(loaded(image()), converted(image()))
+
+
+class DenseLayerLookAlike(nn.Module):
+    """torchvision DenseNet's pre-activation layer: the norm reads a concat, so it has no producer to fold into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.norm, self.relu, self.conv = nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.relu(self.norm(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+@pytest.mark.slow
+def test_a_norm_that_cannot_fold_exports_as_one_op_like_the_batchnorm_original(tmp_path):
+    from onorm_convert import fold
+
+    original = DenseLayerLookAlike()
+    with torch.no_grad():
+        original.norm.running_mean.uniform_(-1, 1)
+        original.norm.running_var.uniform_(0.5, 2)
+        original.norm.weight.uniform_(0.5, 2)
+    original.eval()
+    x = torch.randn(2, 1, 6, 6)
+    converted = convert(original)
+    folded = fold(converted, strip_clamp=True)
+    torch.testing.assert_close(folded(x), original(x), rtol=1e-5, atol=1e-6)
+    report = export_onnx(converted, tmp_path / "dense.onnx", [x], strip_clamp=True)
+    assert report.verification.passed
+    assert report.op_counts.get("BatchNormalization") == 1 and "Mul" not in report.op_counts
+    original_ops = export_onnx(original, tmp_path / "original.onnx", [x]).op_counts
+    assert report.op_counts == original_ops
