@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BadInputError, VerificationError, first_line, quoted
-from .files import publish, staged_file
+from .files import data_file, publish_with_data, staged_folder
 from .fold import FoldReport, fold_with_report
 from .inputs import run_model
 from .options import ExportOptions
@@ -55,6 +55,7 @@ from .verify import (
 )
 
 FAILED_SUFFIX = ".verification-failed"
+EXTERNAL_DATA_BYTES = 3 * 2**29  # 1.5 GiB, torch's own threshold: past it the weights go to NAME.onnx.data
 Runner = Callable[[Sequence[Tensor]], list]  # runs the written file on one batch: its outputs, flattened
 ExampleInputs = Tensor | Sequence[Tensor]  # one tensor per model input; a bare tensor for a one-input model
 STRIPPED_REFERENCE = "the PyTorch model with the clamp stripped"
@@ -88,6 +89,7 @@ class ExportReport:
     saved_failing: list[str] = field(default_factory=list)  # the .npz files of the failing batches (save_failing)
     op_counts: dict[str, int] = field(default_factory=dict)  # ONNX op type -> count
     kept_failed: str | None = None  # where a file that failed verification was kept
+    data_path: str | None = None  # the published external data file (NAME.onnx.data), for weights past 1.5 GiB
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
     warnings: list[str] = field(default_factory=list)
 
@@ -95,6 +97,7 @@ class ExportReport:
         """A JSON-ready dict."""
         return {
             "path": self.path,
+            "data_path": self.data_path,
             "format": self.format,
             "opset": self.opset,
             "dynamic_batch": self.dynamic_batch,
@@ -118,6 +121,18 @@ class ExportMismatchError(VerificationError):
     def __init__(self, message: str, report: ExportReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+def _refer_to_data(model: Path, location: str) -> None:
+    """Rewrite ``model``'s references to its external data file to ``location`` (a name beside it)."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(model))
 
 
 def failed_path(destination: Path) -> Path:
@@ -224,7 +239,8 @@ class OnnxExporter:
         self, model: nn.Module, example_inputs: Sequence[Tensor], path: Path, options: ExportOptions
     ) -> WrittenFile:
         program = to_onnx_proto(model, example_inputs, opset=options.opset, dynamic_batch=options.dynamic_batch)
-        program.save(str(path), external_data=False)
+        # Weights past the threshold go to NAME.onnx.data beside the file (protobuf stops at 2 GiB).
+        program.save(str(path), external_data=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
         written = WrittenFile(_default_opset(program.model_proto), op_type_counts(program.model_proto))
         _check_onnx(path)
         return written
@@ -280,6 +296,11 @@ EXPORTERS: Mapping[Format, Exporter] = MappingProxyType(
 
 def _batch_kind(options: ExportOptions) -> str:
     return "dynamic" if options.dynamic_batch else "static"
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters and buffers: roughly what the ONNX file's initializers hold."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
 
 
 def _default_opset(model_proto: Any) -> int | None:
@@ -339,15 +360,20 @@ def _save_batch(folder: Path, result: BatchResult) -> Path:
 def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: bool, replace: bool) -> ExportReport:
     """Publish ``staged`` if it verified (or was not verified); else keep it aside or drop it and raise."""
     if report.verification is None or report.verification.passed:
-        publish(staged, destination, replace=replace)
+        published = publish_with_data(staged, destination, replace=replace)
         report.path = str(destination)
+        report.data_path = str(published[0]) if len(published) > 1 else None
         return report
     message = report.verification.summary()
     if report.saved_failing:
         message += f"; the failing batches were saved as {', '.join(map(quoted, report.saved_failing))}"
     if keep_failed:
         kept = failed_path(destination)
-        publish(staged, kept, replace=False)  # never an earlier failed file
+        if data_file(staged).exists():  # the kept model must find its data under the kept name
+            _refer_to_data(staged, data_file(kept).name)
+            data_file(staged).rename(data_file(staged.with_name(kept.name)))
+            staged = staged.rename(staged.with_name(kept.name))
+        publish_with_data(staged, kept, replace=False)  # never an earlier failed file
         report.kept_failed = str(kept)
         message += f"; the failed file was kept as {quoted(kept)}"
     else:
@@ -498,7 +524,8 @@ def export_model(
     if not fold_report.traced:
         report.warnings.append(f"normalization layers were not folded into their producers: {fold_report.trace_error}")
 
-    with staged_file(destination, suffix=destination.suffix) as staged:
+    with staged_folder(destination) as folder:
+        staged = folder / destination.name  # its final name, so that external data is referred to by its final name
         start = time.perf_counter()
         say(f"exporting to {exporter.describe(options)}")
         written = exporter.write(folded, example_inputs, staged, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -83,26 +84,73 @@ def staged_file(destination: Path, suffix: str = "") -> Iterator[Path]:
     :class:`BadInputError` naming ``destination``; see :func:`write_failure`.
     """
     destination = Path(destination)
-    with stop_signals_held():  # a stop between creating the temp file and the try below would leave it behind
+
+    def make() -> Path:
+        prefix, tail = _temp_affixes(destination.name, suffix)
+        fd, tmp = tempfile.mkstemp(suffix=tail, prefix=prefix, dir=destination.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    with _staged(destination, make, lambda path: path.unlink(missing_ok=True)) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def staged_folder(destination: Path) -> Iterator[Path]:
+    """A private temporary folder beside ``destination``, for an output of several files; removed on exit.
+
+    For a model and its external data: both are written inside under their final names, so
+    the model's reference to its data holds once both are published (:func:`publish_with_data`).
+    """
+    destination = Path(destination)
+
+    def make() -> Path:
+        prefix, tail = _temp_affixes(destination.name, "")
+        return Path(tempfile.mkdtemp(suffix=tail, prefix=prefix, dir=destination.parent))
+
+    with _staged(destination, make, lambda path: shutil.rmtree(path, ignore_errors=True)) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _staged(destination: Path, make: Callable[[], Path], remove: Callable[[Path], None]) -> Iterator[Path]:
+    """What :func:`staged_file` and :func:`staged_folder` share: make, yield, map write failures, always remove."""
+    with stop_signals_held():  # a stop between making the temp path and the try below would leave it behind
         try:
-            prefix, suffix = _temp_affixes(destination.name, suffix)
-            fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=destination.parent)
+            tmp = make()
         except OSError as err:
             raise write_failure(destination, err) from err
-        os.close(fd)
-        tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        yield tmp
     except OnormError:
         raise
     except Exception as err:
-        failure = write_failure(destination, err, staged=tmp_path)
+        failure = write_failure(destination, err, staged=tmp)
         if failure is None:
             raise
         raise failure from err
     finally:
         with stop_signals_held():  # a second stop cannot cut the cleanup short
-            tmp_path.unlink(missing_ok=True)
+            remove(tmp)
+
+
+def data_file(model: Path) -> Path:
+    """Where a model file keeps its external data: ``NAME.EXT.data`` beside it."""
+    return model.with_name(model.name + ".data")
+
+
+def publish_with_data(staged: Path, destination: Path, *, replace: bool = True) -> list[Path]:
+    """Publish ``staged`` and, if it has one, its external data file: the data first, the model last.
+
+    Until the model appears nothing refers to the new data, so a reader never finds a model
+    whose data is missing or old. Returns the paths published.
+    """
+    published = []
+    if data_file(staged).exists():
+        publish(data_file(staged), data_file(destination), replace=replace)
+        published.append(data_file(destination))
+    publish(staged, destination, replace=replace)
+    return [*published, destination]
 
 
 def _temp_affixes(name: str, suffix: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner, Result
 
 from onorm_convert.cli import app
-from onorm_convert.layers import STATE_BUFFERS, kernels, native
+from onorm_convert.layers import STATE_BUFFERS, native, ops
 
 from reference import ReferenceOnlineNorm
 
@@ -56,32 +56,32 @@ def private_signing_key(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eager_kernels():
-    """No torch.compile for a whole module: the layers' passes run as eager ops.
+    """The best available implementation (``ONORM_BACKEND`` unset) for a whole module, whatever ran before.
 
-    For tests over many shapes and layouts: each new one would recompile the
-    torch.compile'd passes (seconds each). Eager and compiled passes are the same Python
-    functions, so the math is the same; tests/test_layers.py covers the compiled path.
-    Every CPU layout still takes the native kernels, built once per session.
+    For tests over many shapes and layouts: every CPU layout takes the native kernels,
+    built once per session (the scans where no C++ compiler is present).
     """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "COMPILE_MIN_ELEMENTS", float("inf"))
-        yield
+    previous = ops.backend()
+    ops.set_backend(None)
+    yield
+    ops.set_backend(previous)
 
 
 @contextlib.contextmanager
 def native_kernels(enabled: bool):
-    """Layers on the native kernels (``ONORM_COMPILE=auto``) or on the eager scans (``0``).
+    """Layers on the native kernels (``ONORM_BACKEND=native``) or on the scans (``scans``).
 
-    With the kernels off, the scans run as eager ops wherever the tensors stay below
-    torch.compile's size threshold, as most tests' do. Where a C++ compiler is
-    present the kernels must be there: a failed build may not silently turn the native
-    cases into scan cases.
+    Where no C++ compiler is present the native cases run on the scans. Where one is, the
+    kernels must be there: a failed build may not silently turn the native cases into scan cases.
     """
     if enabled and native.cxx_compiler():
         assert native.library() is not None, "the native kernels did not build"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ONORM_COMPILE", "auto" if enabled else "0")
+    previous = ops.backend()
+    ops.set_backend(ops.NATIVE if enabled and native.library() is not None else ops.SCANS)
+    try:
         yield
+    finally:
+        ops.set_backend(previous)
 
 
 @pytest.fixture(scope="module")

@@ -376,8 +376,9 @@ def test_kill_9_before_the_rename_leaves_the_old_output(tmp_path):
         process, "verifying against the PyTorch model", signal.SIGKILL
     )  # the new file is complete, not yet renamed
     assert code == -signal.SIGKILL and out.read_bytes() == b"the previous release"
-    (leftover,) = set(tmp_path.iterdir()) - {out}  # a killed process cannot clean up: its hidden temp file stays
-    assert re.fullmatch(r"\.resnet\.onnx\.\w+\.onnx\.tmp", leftover.name) and leftover.stat().st_size > 0
+    (leftover,) = set(tmp_path.iterdir()) - {out}  # a killed process cannot clean up: its hidden temp folder stays
+    # export stages in a hidden folder, the file under its final name (so that external data keeps its name)
+    assert re.fullmatch(r"\.resnet\.onnx\.\w+\.tmp", leftover.name) and (leftover / "resnet.onnx").stat().st_size > 0
 
 
 KILLED_MID_WRITE = """

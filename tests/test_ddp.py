@@ -114,8 +114,7 @@ def train_replica(rank: int, broadcast_buffers: bool) -> dict:
 
 def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    # ONORM_COMPILE stays auto: these tiny tensors are below torch.compile's threshold, and the
-    # dense norm takes the native kernel (from the session's cache folder, inherited).
+    # ONORM_BACKEND stays unset: the dense norm takes the native kernel (from the session's cache folder, inherited).
     # A file rendezvous: no TCP port that another process could take between choosing and binding it.
     store = os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)

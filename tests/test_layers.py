@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
-from onorm_convert.layers import STATE_BUFFERS, native
+from onorm_convert.layers import STATE_BUFFERS
 
 from conftest import native_kernels
 from reference import ReferenceOnlineNorm
@@ -210,29 +210,27 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("compiled", ["native", "inductor"])
+@pytest.mark.parametrize("path", ["native", "scan"])
 @pytest.mark.slow
-def test_compiled_kernels_match_eager(monkeypatch, compiled, layout):
-    """Compiled code computes what the eager ops compute: the native kernels, and the
-    TorchInductor-fused scans (the same Python functions; used where the kernels cannot be built)."""
+def test_compiled_layer_matches_eager(path, layout):
+    """Under torch.compile (TorchInductor) the layer's registered op computes what the eager layer computes,
+    on either implementation: outputs, gradients and all four state buffers over two steps."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(8, 6, 5, 5) * 2 + 1).contiguous(memory_format=memory_format)
     grad = torch.randn(8, 6, 5, 5)
-    if compiled == "inductor":
-        monkeypatch.setattr(native, "supports", lambda x3: False)
     results = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("ONORM_COMPILE", setting)
+    for compiled in (False, True):
         layer = OnlineNorm2d(6, alpha_fwd=0.9, clamp_value=1.5)
-        for _ in range(2):
-            x_in = x.clone().requires_grad_(True)
-            out = layer(x_in)
-            out.backward(grad)
-        results[setting] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
-    for eager, compiled_result in zip(results["0"], results["1"]):
-        # Two float32 evaluations that sum in different orders (channels_last most of all).
-        torch.testing.assert_close(compiled_result, eager, rtol=1e-4, atol=1e-5)
+        run = torch.compile(layer, fullgraph=True) if compiled else layer
+        with native_kernels(path == "native"):
+            for _ in range(2):
+                x_in = x.clone().requires_grad_(True)
+                out = run(x_in)
+                out.backward(grad)
+        results[compiled] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
+    for eager, compiled_result in zip(results[False], results[True]):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["dense", "2d"])

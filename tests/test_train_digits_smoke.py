@@ -22,11 +22,9 @@ def benchmark(monkeypatch):
     """Import a benchmark script as a module (they import their sibling ``common``, as when run as scripts).
 
     One torch thread, as the digits experiment uses: tiny tensors gain nothing from more,
-    and under ``pytest -n 2`` extra threads only contend for the cores. Eager layer kernels:
-    compiling them would take most of the time budget and change no result.
+    and under ``pytest -n 2`` extra threads only contend for the cores.
     """
     monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
-    monkeypatch.setenv("ONORM_COMPILE", "0")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield importlib.import_module

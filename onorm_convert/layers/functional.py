@@ -4,9 +4,10 @@ The equations are those of ``shared/docs/online-norm.md``. Training mode treats 
 samples of a batch as a stream in index order. Every per-sample recurrence is linear
 in its state, so each is evaluated for the whole batch by :func:`linear_scan` on the
 ``(N, C)`` per-sample statistics; the activations themselves are read in two passes
-forward and two backward, as BatchNorm does (see :mod:`.kernels`). On CPU the native
-kernels run instead (:mod:`.native`): one pass each way, a sequential scan per channel,
-saving nothing per sample for backward.
+forward, as BatchNorm does, and backward in two more besides (see :mod:`.kernels`), since
+backward recomputes the per-sample statistics rather than keep them. On CPU the native
+kernels run instead (:mod:`.native`): one pass each way, a sequential scan per channel.
+Which runs, and the registered ops both are called through, is :mod:`.ops`'s business.
 
 Notation (per sample ``t`` and channel): ``m``/``s`` are the spatial mean and biased
 variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the sample,
@@ -15,16 +16,12 @@ variance of ``x``, ``mu_prev``/``var_prev`` the streaming statistics before the 
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import native
-from .kernels import affine_clamp, input_grad, kernel, masked_grad_sums, spatial_stats, use_native
+from .kernels import affine_clamp, input_grad, masked_grad_sums, spatial_stats
 from .scan import linear_scan
 
 CLAMP, LAYER_SCALING, NONE = "clamp", "layer_scaling", "none"
@@ -33,6 +30,9 @@ ECMS = (CLAMP, LAYER_SCALING, NONE)
 # (backward Euler) form, whose decay 1 / (1 + (1 - alpha_bkw) * mean(y^2)) stays in (0, 1].
 EXACT, STABLE = "exact", "stable"
 CONTROLS = (EXACT, STABLE)
+# How the clamp bounds z: by the doc's fixed clamp_value, or by the bound it implies through the affine (clamp_limit).
+FIXED, AFFINE = "fixed", "affine"
+CLAMP_MODES = (FIXED, AFFINE)
 
 
 class OnlineNormStateError(RuntimeError):
@@ -42,111 +42,9 @@ class OnlineNormStateError(RuntimeError):
     """
 
 
-@dataclass
-class StreamState:
-    """The four per-channel state buffers of a layer, updated in place."""
-
-    mean: Tensor  # mu
-    var: Tensor  # var
-    u: Tensor  # backward control for the component along the constant vector
-    v: Tensor  # backward control for the component along y
-
-
 def stat_dtype(x: Tensor, state: Tensor) -> torch.dtype:
     """float64 if the input or the state is float64, else float32 (never half precision)."""
     return torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
-
-
-def _without_autocast(method):
-    """Run ``method`` with autocast off: the scans' matrix products must stay in the statistics dtype."""
-
-    @functools.wraps(method)
-    def run(ctx, *args):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return method(ctx, *args)
-
-    return run
-
-
-class OnlineNormFunction(torch.autograd.Function):
-    """Streaming normalization + affine + optional clamp, with ON's controlled backward.
-
-    ``forward(x, weight, bias, state, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name)``
-    returns ``z = gamma * y + beta`` in ``out_dtype``, clamped to ``[-clamp_value, clamp_value]``
-    unless ``clamp_value`` is None. ``weight``/``bias`` may be None (no affine). ``state`` is
-    advanced in place: mean/var in forward, u/v in backward; ``control`` is how v advances
-    (``CONTROLS``). A new state that is not finite raises :class:`OnlineNormStateError` naming
-    the layer ``name`` instead, the state untouched.
-    """
-
-    @staticmethod
-    @_without_autocast
-    def forward(
-        ctx, x, weight, bias, state: StreamState, alpha_fwd, alpha_bkw, eps, clamp_value, out_dtype, control, name
-    ):
-        dtype = stat_dtype(x, state.mean)
-        x3 = _as_channels_by_positions(x, dtype)
-        # Snapshots: the state is advanced below.
-        mean0, var0 = state.mean.to(dtype, copy=True), state.var.to(dtype, copy=True)
-        # Detached: the compiled passes treat a Parameter's shape as static (one compile per width).
-        gamma = torch.ones_like(mean0) if weight is None else weight.detach().to(dtype)
-        offset = torch.zeros_like(mean0) if bias is None else bias.detach().to(dtype)
-        limit = math.inf if clamp_value is None else float(clamp_value)
-        ctx.native = use_native(x3)
-        if ctx.native:  # saves nothing per sample: its backward recomputes the forward state from var0
-            z, mean_last, var_last = native.forward(x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit)
-            saved = (var0,)
-        else:
-            z, mean_last, var_last, saved = kernel(forward_pass, x3)(
-                x3, mean0, var0, gamma, offset, alpha_fwd, eps, limit
-            )
-        check_state(name, {"running_mean": mean_last, "running_var": var_last}, forward=True)
-        state.mean.copy_(mean_last)
-        state.var.copy_(var_last)
-        ctx.save_for_backward(x, mean0, gamma, offset, *saved)
-        ctx.state, ctx.alpha_fwd, ctx.alpha_bkw, ctx.eps, ctx.limit = state, alpha_fwd, alpha_bkw, eps, limit
-        ctx.control, ctx.name = control, name
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        # detach(): the same memory without the view relation autograd forbids for a Function's
-        # output that a following ReLU(inplace=True) modifies.
-        return z.reshape(x.shape).detach().to(out_dtype)
-
-    @staticmethod
-    @once_differentiable  # ON's backward is not a derivative: differentiating it again raises
-    @_without_autocast
-    def backward(ctx, grad_out):
-        x, mean0, gamma, offset, *saved = ctx.saved_tensors
-        state = ctx.state
-        dtype = mean0.dtype
-        x3 = _as_channels_by_positions(x, dtype)
-        g3 = _as_channels_by_positions(grad_out, dtype)
-        u0, v0 = state.u.to(dtype), state.v.to(dtype)
-        if ctx.native:
-            args = (
-                mean0,
-                *saved,
-                gamma,
-                offset,
-                u0,
-                v0,
-                ctx.alpha_fwd,
-                ctx.alpha_bkw,
-                ctx.eps,
-                ctx.limit,
-                ctx.control == STABLE,
-            )
-            grads_and_state = native.backward(g3, x3, *args)
-        else:
-            args = (mean0, gamma, offset, *saved, u0, v0, ctx.alpha_bkw, ctx.limit, ctx.control)
-            grads_and_state = kernel(backward_pass, x3)(g3, x3, *args)
-        grad_x, grad_weight, grad_bias, u_last, v_last = grads_and_state
-        check_state(ctx.name, {"u_ctrl": u_last, "v_ctrl": v_last}, forward=False, control=ctx.control)
-        state.u.copy_(u_last)
-        state.v.copy_(v_last)
-        grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
-        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-        return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, *(None,) * 8
 
 
 def check_state(name: str, new_state: dict[str, Tensor], forward: bool, control: str = EXACT) -> None:
@@ -179,35 +77,56 @@ def _state_advice(forward: bool, control: str) -> str:
     return cause + "; use a smaller alpha_fwd (faster statistics) or a lower learning rate"
 
 
-def forward_pass(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
-    """Training forward on activations ``x3`` viewed as ``(N, C, S)``: one function, fused when compiled.
+def scan_forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
+    """Training forward of activations ``x3`` (``(N, C, S)``) by the scans: ``(z, mean_last, var_last)``.
 
-    Returns ``(z, mean_last, var_last, saved)``: the clamped affine output, the stream's
-    state after the batch, and the per-sample ``(drift_prev, inv_k, d, s)`` backward needs.
+    ``z`` is the clamped affine output, shaped as ``x3``; ``mean_last``, ``var_last`` the stream's
+    state after the batch. The contract of :func:`.native.forward`.
     """
-    if x3.shape[2] == 1:  # dense: each sample's mean is its value, its variance 0 (no full-size copies)
-        m, s = x3[:, :, 0], x3.new_zeros(())
-    else:
-        m, s = spatial_stats(x3)
-    drift_prev, mean_last, var_last, inv_k, d = forward_statistics(m, s, mean0, var0, alpha_fwd, eps)
+    drift_prev, mean_last, var_last, inv_k = _sample_statistics(x3, mean0, var0, alpha_fwd, eps)[:4]
     z = affine_clamp(x3, *_z_coefficients(mean0, drift_prev, inv_k * gamma, offset), limit)
-    return z, mean_last, var_last, (drift_prev, inv_k, d, s)
+    return z, mean_last, var_last
 
 
-def backward_pass(
-    g3, x3, mean0, gamma, offset, drift_prev, inv_k, d, s, u0, v0, alpha_bkw: float, limit: float, control: str
-):
-    """Training backward on ``(N, C, S)`` views: one function, fused when compiled.
+def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False):
+    """Training backward of ``(N, C, S)`` activations by the scans: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
 
-    Returns ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
+    The contract of :func:`.native.backward`: the per-sample statistics are recomputed from ``x3``
+    and the state before the batch, as the forward computed them, so nothing of them is kept
+    between the passes.
     """
+    drift_prev, _, _, inv_k, d, s = _sample_statistics(x3, mean0, var0, alpha_fwd, eps)
     z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
     sum_gz, sum_gz_xc = masked_grad_sums(g3, x3, *z_coefs, limit)
+    control = STABLE if stable else EXACT
     stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2], control)
     grad_weight, grad_bias, u_last, v_last, xc_coef, const = stats
     grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
     grad_x = input_grad(g3, x3, *z_coefs, limit, *grad_coefs)
     return grad_x, grad_weight, grad_bias, u_last, v_last
+
+
+def _sample_statistics(x3, mean0, var0, alpha_fwd: float, eps: float):
+    """The forward recurrences over the samples of ``x3``: ``(drift_prev, mean_last, var_last, inv_k, d, s)``.
+
+    See :func:`forward_statistics`; ``s`` is each sample's biased spatial variance.
+    """
+    if x3.shape[2] == 1:  # dense: each sample's mean is its value, its variance 0 (no full-size copies)
+        m, s = x3[:, :, 0], x3.new_zeros(())
+    else:
+        m, s = spatial_stats(x3)
+    return *forward_statistics(m, s, mean0, var0, alpha_fwd, eps), s
+
+
+def clamp_limit(clamp_value: float | None, clamp_mode: str, weight: Tensor | None, bias: Tensor | None) -> float:
+    """The bound the clamp puts on z: ``inf`` without a clamp, ``clamp_value`` for ``"fixed"``, and for
+    ``"affine"`` ``max(|beta| + clamp_value * |gamma|)`` over channels (``clamp_value`` without an affine)."""
+    if clamp_value is None:
+        return math.inf
+    if clamp_mode == FIXED or weight is None:
+        return clamp_value
+    with torch.no_grad():
+        return float((bias.abs() + clamp_value * weight.abs()).max())
 
 
 def forward_statistics(m, s, mean0, var0, alpha_fwd: float, eps: float):
@@ -268,11 +187,10 @@ def _z_coefficients(mean0: Tensor, drift: Tensor, scale: Tensor, offset: Tensor)
     return mean0.reshape(1, -1, 1), drift.unsqueeze(2), scale.unsqueeze(2), offset.reshape(1, -1, 1)
 
 
-def _as_channels_by_positions(x: Tensor, dtype: torch.dtype) -> Tensor:
+def as_channels_by_positions(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` as ``(N, C, positions)`` in ``dtype``; no copy whenever the layout allows (channels_last too).
 
-    Detached from its view base: the compiled kernels then guard on its own shape, not
-    on the base's strides, and do not recompile for every layer shape.
+    Detached: the implementations run inside an op or autograd Function and record no graph of their own.
     """
     x = x if x.dtype == dtype else x.to(dtype)
     return x.reshape(x.shape[0], x.shape[1], -1).detach()

@@ -11,8 +11,8 @@ here on CPU; other strided layouts are copied to the contiguous one.
 The library is compiled with ``$CXX`` (default ``g++``), as TorchInductor compiles its own
 CPU kernels, and cached under ``$ONORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/onorm``, else
 ``~/.cache/onorm``; it must be private to the user) keyed by source, compiler, flags and CPU. Without
-a compiler the layer keeps the scans; where the build fails it does too, and one warning
-says why.
+a compiler the layers take the scans; where the build fails they do too, and one warning
+says why (:mod:`.ops` chooses, once).
 """
 
 from __future__ import annotations
@@ -54,22 +54,20 @@ _SIGNATURES.update(
 
 
 def supports(x3: Tensor) -> bool:
-    """Whether the kernels run activations ``x3`` (``(N, C, S)``): CPU, float32/64, eager.
+    """Whether the kernels can run activations ``x3`` (``(N, C, S)``): CPU, float32/64, any layout.
 
-    Any layout: dense, contiguous and channels_last each have a kernel, and other strides
-    are copied to the contiguous layout. Inside a graph being compiled (``torch.compile`` of
-    a model) the scans run instead: they trace, a foreign function call does not.
+    Dense, contiguous and channels_last each have a kernel, and other strides are copied to
+    the contiguous layout. Whether the library itself could be built is :func:`library`'s
+    answer, asked once (see :mod:`.ops`).
     """
-    return (
-        x3.device.type == "cpu" and x3.dtype in _TYPES and not torch.compiler.is_compiling() and library() is not None
-    )
+    return x3.device.type == "cpu" and x3.dtype in _TYPES
 
 
 def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
     """Training forward of activations ``x3`` (``(N, C, S)``): ``(z, mean_last, var_last)``, ``z`` shaped as ``x3``.
 
-    The contract of :func:`.functional.forward_pass` without its saved tensors:
-    :func:`backward` recomputes what it needs from ``mean0`` and ``var0``.
+    The contract of :func:`.functional.scan_forward`: :func:`backward` recomputes what it
+    needs from ``mean0`` and ``var0``.
     """
     layout = _layout(x3)
     x = _to_kernel(layout, x3)
@@ -140,7 +138,10 @@ def _per_channel(x: Tensor, *vectors: Tensor) -> list[Tensor]:
 
 
 def _call(name: str, *args) -> None:
-    """Call ``name`` for the dtype of the first tensor (every tensor checked contiguous, of that dtype)."""
+    """Call ``name`` for the dtype of the first tensor (every tensor checked contiguous, of that dtype).
+
+    The library must have loaded (:func:`library` not None).
+    """
     dtype = args[0].dtype
     pointers = []
     for arg in args:
@@ -152,13 +153,17 @@ def _call(name: str, *args) -> None:
             pointers.append(arg.data_ptr())
         else:
             pointers.append(arg)
-    getattr(library(), f"{name}_{_TYPES[dtype]}")(*pointers, torch.get_num_threads())
+    _kernels[f"{name}_{_TYPES[dtype]}"](*pointers, torch.get_num_threads())
 
 
 @functools.cache
 def cxx_compiler() -> str | None:
     """The C++ compiler (``$CXX``, default ``g++``), or None; looked up once (PATH walks are slow)."""
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+# The loaded library's functions by name, bound once by library(): no lookup on a call's path.
+_kernels: dict[str, ctypes._CFuncPtr] = {}
 
 
 @functools.cache
@@ -168,6 +173,7 @@ def library() -> ctypes.CDLL | None:
     No C++ compiler: None, silently, as TorchInductor's policy (the layer keeps the scans).
     A compiler that fails, or a cache folder that cannot be used: None with one warning.
     """
+    _kernels.clear()
     compiler = cxx_compiler()
     if compiler is None:
         return None
@@ -184,6 +190,7 @@ def library() -> ctypes.CDLL | None:
         for suffix in _TYPES.values():
             function = getattr(loaded, f"{stem}_{suffix}")
             function.argtypes, function.restype = argtypes, None
+            _kernels[f"{stem}_{suffix}"] = function
     return loaded
 
 

@@ -7,21 +7,20 @@ from torch import Tensor, nn
 
 from .functional import (
     CLAMP,
+    CLAMP_MODES,
     CONTROLS,
     ECMS,
     EXACT,
+    FIXED,
     LAYER_SCALING,
     NONE,
-    OnlineNormFunction,
-    StreamState,
+    clamp_limit,
     frozen_affine,
     layer_scale,
 )  # fmt: skip
+from .ops import train_step
 
 STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
-# How the clamp bounds z: by the doc's fixed clamp_value, or by the bound it implies through the affine (clamp_bound).
-FIXED, AFFINE = "fixed", "affine"
-CLAMP_MODES = (FIXED, AFFINE)
 
 
 def normalize_ecm(ecm: str | None) -> str:
@@ -112,10 +111,7 @@ class OnlineNormBase(nn.Module):
     @property
     def clamp_bound(self) -> float:
         """The bound the clamp puts on z now: ``clamp_value``, or with ``clamp_mode="affine"`` ``max(|beta| + clamp_value * |gamma|)``."""
-        if self.clamp_mode == FIXED or not self.affine:
-            return self.clamp_value
-        with torch.no_grad():
-            return float((self.bias.abs() + self.clamp_value * self.weight.abs()).max())
+        return clamp_limit(self.clamp_value, self.clamp_mode, self.weight, self.bias)
 
     def reset_running_stats(self) -> None:
         """Fresh stream: mu = 0, var = 1, u = v = 0."""
@@ -147,19 +143,33 @@ class OnlineNormBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        clamp = self.clamp_bound if self.ecm == CLAMP else None
         if self.training and x.numel() > 0:  # an empty batch (or empty positions) is no sample of the stream
-            state = StreamState(self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
-            # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
-            z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
-            name = self.layer_name or f"{type(self).__name__}({self.num_features})"
-            args = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp, z_dtype, self.control, name)
-            z = OnlineNormFunction.apply(x, self.weight, self.bias, state, *args)
+            z = self._train_forward(x)
         else:
-            z = self.frozen_forward(x, clamp)
+            z = self.frozen_forward(x, self._frozen_clamp() if self.ecm == CLAMP else None)
         return layer_scale(z, self.ls_eps).to(x.dtype) if self.ecm == LAYER_SCALING else z
 
-    def frozen_forward(self, x: Tensor, clamp: float | None) -> Tensor:
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """Training output before layer scaling; advances the four state buffers (u, v in backward)."""
+        # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
+        z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
+        name = self.layer_name or f"{type(self).__name__}({self.num_features})"
+        clamp_value = self.clamp_value if self.ecm == CLAMP else None
+        state = (self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
+        settings = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp_value, self.clamp_mode, self.control, z_dtype, name)
+        z, mean, var, _ = train_step(x, self.weight, self.bias, *state, *settings)
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+        return z
+
+    def _frozen_clamp(self) -> float | Tensor:
+        """:attr:`clamp_bound`, as a tensor in ``"affine"`` mode (no host sync; traceable)."""
+        if self.clamp_mode == FIXED or not self.affine:
+            return self.clamp_value
+        return (self.bias.abs() + self.clamp_value * self.weight.abs()).max().detach()
+
+    def frozen_forward(self, x: Tensor, clamp: float | Tensor | None) -> Tensor:
         """Eval-mode output before layer scaling: frozen statistics, affine, optional clamp."""
         scale, shift = frozen_affine(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         shape = (1, -1) + (1,) * (x.ndim - 2)

@@ -98,18 +98,14 @@ def _shifted(t: Tensor, shift: int, fill: float) -> Tensor:
     return torch.nn.functional.pad(t[:-shift], (0,) * (2 * t.dim() - 2) + (shift, 0), value=fill)
 
 
+@functools.lru_cache(maxsize=64)
 def _power_matrix(decay: float, steps: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``W[t, j] = decay**(t-j)`` for ``j <= t`` else 0, shape ``(steps, steps)``; and ``decay**(t+1)``."""
-    build = _build_power_matrix if torch.compiler.is_compiling() else _cached_power_matrix  # the cache is not traceable
-    return build(decay, steps, dtype, device)
+    """``W[t, j] = decay**(t-j)`` for ``j <= t`` else 0, shape ``(steps, steps)``; and ``decay**(t+1)``.
 
-
-def _build_power_matrix(decay: float, steps: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    Cached: one per layer setting and batch size. The scans run inside the registered op, never traced.
+    """
     t = torch.arange(steps, dtype=torch.float64).unsqueeze(1)
     exponent = t - torch.arange(steps, dtype=torch.float64).unsqueeze(0)
     weights = torch.where(exponent >= 0, decay ** exponent.clamp(min=0), 0.0)
     powers = decay ** (torch.arange(steps, dtype=torch.float64) + 1)
     return weights.to(dtype=dtype, device=device), powers.to(dtype=dtype, device=device)
-
-
-_cached_power_matrix = functools.lru_cache(maxsize=64)(_build_power_matrix)

@@ -1,0 +1,203 @@
+"""The registered ops (``layers/ops.py``): their registrations, the ONORM_BACKEND switch, and whole
+converted models under torch.compile and torch.export."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from onorm_convert import OnlineNorm1d, OnlineNorm2d, convert
+from onorm_convert.layers import STATE_BUFFERS, native, ops
+
+from conftest import native_kernels
+
+BACKENDS = ["native", "scan"]
+SETTINGS = {  # alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control
+    "clamp": (0.9, 0.8, 1e-5, 1.5, "fixed", "exact"),
+    "affine-clamp-stable": (0.9, 0.8, 1e-5, 0.7, "affine", "stable"),
+    "no-clamp": (0.5, 0.8, 1e-3, None, "fixed", "exact"),
+}
+CASES = {  # activations' shape, memory format, dtype, affine
+    "dense": ((6, 4), torch.contiguous_format, torch.float32, True),
+    "2d": ((5, 3, 4, 4), torch.contiguous_format, torch.float64, True),
+    "2d-channels-last": ((5, 3, 4, 4), torch.channels_last, torch.float32, True),
+    "1d-plain": ((5, 3, 7), torch.contiguous_format, torch.float32, False),
+}
+
+
+def _forward_args(case, settings, alpha_bkw=None):
+    """Arguments of ``onorm::train_forward`` for one case: x and weight requiring grad, a used state."""
+    shape, memory_format, dtype, affine = CASES[case]
+    alpha_fwd, default_bkw, eps, clamp_value, clamp_mode, control = SETTINGS[settings]
+    channels = shape[1]
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format).requires_grad_(True)
+    weight, bias = (torch.randn(channels, dtype=dtype).requires_grad_(True) for _ in range(2))
+    mean, u, v = (torch.randn(channels, dtype=dtype) * 0.1 for _ in range(3))
+    var = torch.rand(channels, dtype=dtype) + 0.5
+    params = (weight, bias) if affine else (None, None)
+    alpha_bkw = default_bkw if alpha_bkw is None else alpha_bkw
+    return (x, *params, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, dtype, "layer")
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("path", BACKENDS)
+def test_the_forward_op_passes_opcheck(path, case, settings):
+    torch.manual_seed(0)
+    with native_kernels(path == "native"):
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(ops.train_forward, _forward_args(case, settings), test_utils=checks)
+        # opcheck runs eager and compiled backward on the same u, v, which each advances: with
+        # alpha_bkw = 1 they do not feed back into the gradients, so both runs must agree.
+        torch.library.opcheck(ops.train_forward, _forward_args(case, settings, alpha_bkw=1.0),
+                              test_utils="test_aot_dispatch_dynamic")  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("path", BACKENDS)
+def test_the_backward_op_passes_opcheck(path, case, settings):
+    torch.manual_seed(0)
+    x, weight, bias, mean, var, u, v, *rest = _forward_args(case, settings)
+    *scalars, _, name = rest  # the backward takes no output dtype
+    detach = [None if t is None else t.detach() for t in (x, weight, bias)]
+    with native_kernels(path == "native"):
+        torch.library.opcheck(ops.train_backward, (torch.randn_like(x), *detach, mean, var, u, v, *scalars, name))
+
+
+def test_differentiating_the_backward_op_is_an_error():
+    torch.manual_seed(0)
+    x, weight, bias, mean, var, u, v, *rest = _forward_args("dense", "clamp")
+    *scalars, _, name = rest
+    grad_z = torch.randn_like(x, requires_grad=True)
+    grad_x = ops.train_backward(grad_z, x, weight, bias, mean, var, u, v, *scalars, name)[0]
+    with pytest.raises(RuntimeError, match="cannot be differentiated"):
+        grad_x.sum().backward()
+
+
+@pytest.fixture
+def unresolved_backend(monkeypatch):
+    """The backend not chosen yet, as in a fresh process; the choice before restored afterwards."""
+    monkeypatch.setattr(ops, "_backend", None)
+    monkeypatch.delenv("ONORM_BACKEND", raising=False)
+
+
+@pytest.mark.usefixtures("unresolved_backend")
+def test_onorm_backend_is_read_once(monkeypatch):
+    monkeypatch.setenv("ONORM_BACKEND", "scans")
+    assert ops.backend() == "scans"
+    monkeypatch.setenv("ONORM_BACKEND", "no-such-thing")
+    assert ops.backend() == "scans"
+
+
+@pytest.mark.usefixtures("unresolved_backend")
+def test_unset_onorm_backend_takes_the_best_available():
+    assert ops.backend() == ("native" if native.library() is not None else "scans")
+
+
+@pytest.mark.usefixtures("unresolved_backend")
+@pytest.mark.parametrize("setting, message", [
+    ("triton", "ONORM_BACKEND=triton: this version has no Triton kernels"),
+    ("cuda", "ONORM_BACKEND must be one of native, scans, triton.*got 'cuda'"),
+])  # fmt: skip
+def test_an_unavailable_backend_is_an_error_not_a_fallback(monkeypatch, setting, message):
+    monkeypatch.setenv("ONORM_BACKEND", setting)
+    layer = OnlineNorm1d(3)
+    with pytest.raises(ops.BackendError, match=message):
+        layer(torch.randn(4, 3))
+    assert torch.equal(layer.running_mean, torch.zeros(3))
+
+
+@pytest.mark.usefixtures("unresolved_backend")
+def test_native_without_the_kernels_is_an_error(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "cxx_compiler", lambda: None)
+    with pytest.raises(ops.BackendError, match=r"native kernels are unavailable here \(no C\+\+ compiler"):
+        ops.set_backend("native")
+
+
+def test_a_training_step_looks_up_nothing_in_the_environment_or_the_file_system(monkeypatch):
+    """No compiler discovery, file checks, cache lookups or environment reads per call: they were done once."""
+    layer = OnlineNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    layer(x).sum().backward()  # the first step chooses the backend (and builds the kernels)
+
+    def asked_again():
+        raise AssertionError("asked for the compiler or library again")
+
+    # Cached answers, looked up through functools.cache: C code, which the profile hook does not see.
+    monkeypatch.setattr(native, "library", asked_again)
+    monkeypatch.setattr(native, "cxx_compiler", asked_again)
+    calls = []
+
+    def record(frame, event, arg):
+        if event == "c_call":  # a builtin, or a C wrapper such as functools.cache's
+            calls.append(f"{type(arg).__name__}:{getattr(arg, '__module__', None)}.{getattr(arg, '__qualname__', arg)}")
+        elif event == "call":
+            calls.append(f"function:{frame.f_globals.get('__name__')}.{frame.f_code.co_qualname}")
+
+    sys.setprofile(record)
+    try:
+        for _ in range(2):
+            layer(x).sum().backward()
+    finally:
+        sys.setprofile(None)
+    forbidden = ("shutil.which", "posix.stat", "posix.lstat", "_Environ.", "os.getenv")
+    assert calls, "the profile hook saw nothing"
+    looked_up = sorted({call for call in calls if any(name in call for name in forbidden)})
+    assert not looked_up, looked_up
+
+
+def _small_convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def _train(model: nn.Module, run, batches) -> list[float]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for x, target in batches:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(run(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", BACKENDS)
+def test_a_converted_model_trains_under_torch_compile_as_in_eager(path):
+    """fullgraph=True (no graph break), TorchInductor on CPU: the same losses, parameters and state over 3 steps."""
+    model = convert(_small_convnet(), alpha_fwd=0.9, alpha_bkw=0.8)
+    twin = copy.deepcopy(model)
+    batches = [(torch.randn(8, 3, 6, 6) * 2 + 1, torch.randint(0, 4, (8,))) for _ in range(3)]
+    with native_kernels(path == "native"):
+        eager_losses = _train(model, model, batches)
+        compiled_losses = _train(twin, torch.compile(twin, fullgraph=True), batches)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    actual = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    assert actual.keys() == expected.keys()
+    assert sum(name.endswith(STATE_BUFFERS) for name in actual) == 4 * 3  # every state buffer of 3 layers compared
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_converted_model_exports(mode):
+    model = convert(_small_convnet(), clamp_mode="affine")
+    model.train(mode == "train")
+    x = torch.randn(4, 3, 6, 6)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert ("onorm.train_forward.default" in targets) == (mode == "train")
+    assert exported.module()(x).shape == (4, 4)
