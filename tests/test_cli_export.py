@@ -12,18 +12,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from onorm_convert import convert
 from onorm_convert.checkpoint import make_checkpoint, write_checkpoint
-from onorm_convert.cli import app
+from sample_models import models
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # sample_models lives at the repository root, outside the installed package
-from sample_models import models  # noqa: E402
+from conftest import MLP_ARCH, REPO
+from conftest import onorm as onorm_cli
 
-ARCH = "sample_models.models:digits_mlp"
-runner = CliRunner()
+ARCH = MLP_ARCH
+pytestmark = pytest.mark.usefixtures("in_repo")
 
 LIAR_MODULE = """
 import torch
@@ -50,14 +48,9 @@ def liar():
 """
 
 
-@pytest.fixture(autouse=True)
-def in_repo(monkeypatch):
-    """Run from the repository root, so `--arch sample_models.models:...` imports as a user's would."""
-    monkeypatch.chdir(REPO)
-
-
 def onorm(*args) -> object:
-    return runner.invoke(app, ["export", *map(str, args)])
+    """``onorm export ARGS``."""
+    return onorm_cli("export", *args)
 
 
 def digest(path: Path) -> str:
