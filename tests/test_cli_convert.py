@@ -135,6 +135,7 @@ def test_onorm_checkpoint_converts_to_itself_and_inspects(tmp_path):
     assert inspected.exit_code == 0, inspected.output
     layers = json.loads(inspected.stdout)["layers"]
     assert [(layer["old_type"], layer["export"]) for layer in layers] == [("OnlineNorm3d", "fold into '0'")]
+    assert [(layer["export_step"]["action"], layer["export_step"]["into"]) for layer in layers] == [("folded", "0")]
 
 
 def test_inspect_lists_what_convert_would_change():

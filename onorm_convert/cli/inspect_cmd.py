@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
@@ -59,7 +60,10 @@ def inspect(
             export = (
                 "-" if step is None else (f"fold into '{step.into}'" if step.into else f"{step.action}: {step.reason}")
             )
-            layers.append({**change.to_dict(), "export": export})
+            step_fields = None if step is None else {k: v for k, v in asdict(step).items() if k != "norm"}
+            layers.append(
+                {**change.to_dict(), "export": export, "export_step": step_fields}
+            )  # the text, and its fields
         report = {
             "input": str(model), "input_format": loaded.format, "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs,
             "input_shapes": [list(s) for s in shapes], "info": loaded.info, "layers": layers,

@@ -54,6 +54,21 @@ class OnlineNormBase(nn.Module):
     A training step whose new state would be NaN/Inf (a bad input, or u/v running away until
     they overflow), raises :class:`OnlineNormStateError` naming the layer (``layer_name``,
     set by :func:`onorm_convert.convert` to the module's name) and leaves the state as it was.
+
+    Args:
+        num_features: C, the channels (dim 1) of the input.
+        alpha_fwd: the decay of the streaming mean and variance per sample (the doc's a_f;
+            memory about ``1 / (1 - alpha_fwd)`` samples), in [0, 1).
+        alpha_bkw: the decay of the backward control processes u and v (a_b), in [0, 1).
+        eps: added to the variance before its square root, as BatchNorm's eps.
+        affine: learnable per-channel ``weight`` (gamma) and ``bias`` (beta).
+        ecm: error compensation after the affine: ``"clamp"``, ``"layer_scaling"`` or
+            ``"none"`` (None); ``"layer-scaling"`` is accepted.
+        clamp_value: c, the clamp's bound (see ``clamp_mode``); positive.
+        ls_eps: the epsilon of layer scaling, ``z / sqrt(mean(z^2) + ls_eps)``.
+        control: ``"exact"`` (the doc's v step) or ``"stable"`` (above).
+        clamp_mode: ``"fixed"`` (the doc's) or ``"affine"`` (above).
+        device, dtype: of the parameters; the state is float32 (float64 for a float64 layer).
     """
 
     _ranks: tuple[int, ...] = ()
