@@ -115,6 +115,10 @@ class ExportReport:
         }
 
 
+class ExportWarning(UserWarning):
+    """Something an export's report warns of (an unfolded layer, an unverified file, a clamp that changes outputs)."""
+
+
 class ExportMismatchError(VerificationError):
     """The exported model does not match the PyTorch model; ``report`` holds the figures."""
 
@@ -359,6 +363,8 @@ def _save_batch(folder: Path, result: BatchResult) -> Path:
 
 def _finish(staged: Path, destination: Path, report: ExportReport, keep_failed: bool, replace: bool) -> ExportReport:
     """Publish ``staged`` if it verified (or was not verified); else keep it aside or drop it and raise."""
+    for text in report.warnings:  # for the library's users; the CLI shows the report's list instead
+        warnings.warn(text, ExportWarning, stacklevel=4)
     if report.verification is None or report.verification.passed:
         published = publish_with_data(staged, destination, replace=replace)
         report.path = str(destination)

@@ -198,3 +198,17 @@ def test_the_demo_summary_runs_on_a_demo_folder(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "digits_resnet.onnx" in out and "accuracy on the 20 held-out digits" in out
     assert "predictions that differ from the BatchNorm original's" in out
+
+
+def test_an_exports_warnings_are_python_warnings_too_and_the_cli_shows_each_once(tmp_path):
+    from onorm_convert.export import ExportWarning
+
+    from conftest import MLP, MLP_ARCH, onorm
+
+    model = convert(trained_sample("digits_mlp"))
+    with pytest.warns(ExportWarning, match="verification skipped"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 64), verify=False)
+    result = onorm(
+        "export", MLP, "--arch", MLP_ARCH, "--input-shape", "2,64", "--no-verify", "-o", tmp_path / "cli.onnx"
+    )
+    assert result.exit_code == 0 and result.stderr.count("verification skipped") == 1

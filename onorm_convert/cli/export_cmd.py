@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import EXIT_MISMATCH, EXIT_OK, BadInputError, quoted
-from ..export import EXPORTERS, ExportMismatchError, ExportReport, Format, export_model
+from ..export import EXPORTERS, ExportMismatchError, ExportReport, ExportWarning, Format, export_model
 from ..files import check_output_path
 from ..fold import FoldAction
 from ..inputs import fit_inputs, load_input_file, random_inputs
@@ -111,10 +112,12 @@ def export(
         header = {"input": str(model), "input_format": loaded.format, "output": str(destination)}
         progress = StepProgress(console)
         try:
-            report = export_model(
-                file_format, loaded.module, destination, random_inputs(shapes), options,
-                real_inputs=real, progress=progress, save_failing=save_failing,
-            )  # fmt: skip
+            with warnings.catch_warnings():  # shown from the report, with the rest of it
+                warnings.simplefilter("ignore", ExportWarning)
+                report = export_model(
+                    file_format, loaded.module, destination, random_inputs(shapes), options,
+                    real_inputs=real, progress=progress, save_failing=save_failing,
+                )  # fmt: skip
         except ExportMismatchError as err:
             progress.done()
             show_report(console, err.report)
