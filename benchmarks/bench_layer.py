@@ -4,10 +4,14 @@ Training mode, float32, CPU, 2 threads, ResNet-50 activation shapes at batch 32 
 the targets' layout, and channels_last for information) and one dense shape. OnlineNorm uses ECM clamp with affine; BatchNorm is affine. Both see the
 same input and output-gradient tensors, interleaved run by run so drift hits both alike.
 
-    python benchmarks/bench_layer.py [--repeats 9] [--quick] [--json results.json]
+The compiled rows (issue 14) time ``torch.compile(layer, fullgraph=True)`` of each layer
+the same way, at one conv shape (32x256x28x28) and the dense shape, with the first call
+(the compile, TorchInductor's caches off) timed on its own.
+
+    python benchmarks/bench_layer.py [--repeats 9] [--quick] [--no-eager | --no-compiled] [--json results.json]
 
 Targets (issue 2): each conv shape <= 1.5x BatchNorm, their geometric mean <= 1.3x,
-dense <= 5x, peak memory <= 1.2x.
+dense <= 5x, peak memory <= 1.2x. The compiled rows have no target.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from onorm_convert import OnlineNorm1d, OnlineNorm2d
 
 CONV_SHAPES = [(32, 64, 56, 56), (32, 256, 28, 28), (32, 512, 14, 14), (32, 2048, 7, 7)]
 DENSE_SHAPE = (256, 1024)
+COMPILED_SHAPES = [(32, 256, 28, 28), DENSE_SHAPE]
 TARGETS = {"conv": 1.5, "conv_geomean": 1.3, "dense": 5.0, "memory": 1.2}
 
 
@@ -66,6 +71,38 @@ def time_pair(shape, repeats, channels_last=False):
     return statistics.median(times[id(online)]), statistics.median(times[id(batch)])
 
 
+def time_compiled_pair(shape, repeats):
+    """Medians of one compiled forward+backward and first-compile seconds, each (OnlineNorm, BatchNorm).
+
+    Each layer is ``torch.compile(layer, fullgraph=True)``; its first call, which compiles
+    forward and backward, is timed alone with TorchInductor's on-disk caches off.
+    """
+    torch._dynamo.reset()
+    online, batch = (torch.compile(layer, fullgraph=True) for layer in layer_pair(shape))
+    x, grad = activations(shape)
+    compile_s = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for layer in (online, batch):
+            start = time.perf_counter()
+            train_step(layer, x, grad)
+            compile_s.append(time.perf_counter() - start)
+        for layer in (online, batch):
+            train_step(layer, x, grad)
+        times = {id(online): [], id(batch): []}
+        for _ in range(repeats):
+            for layer in (online, batch):
+                start = time.perf_counter()
+                train_step(layer, x, grad)
+                times[id(layer)].append(time.perf_counter() - start)
+    return (statistics.median(times[id(online)]), statistics.median(times[id(batch)])), tuple(compile_s)
+
+
+def warm_up_compiler():
+    """A throwaway compile, so that TorchInductor's once-per-process start-up is charged to no layer."""
+    torch.compile(nn.Linear(4, 4), fullgraph=True)(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()
+
+
 def peak_memory_pair(shape, channels_last=False):
     """Peak live bytes during one forward+backward above what was live before it, (OnlineNorm, BatchNorm).
 
@@ -97,39 +134,61 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, to check the harness runs")
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--no-eager", action="store_true", help="only the compiled rows")
+    columns.add_argument("--no-compiled", action="store_true", help="only the eager rows")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     conv_shapes = [(4, 8, 6, 6), (4, 16, 3, 3)] if args.quick else CONV_SHAPES
     dense_shape = (16, 32) if args.quick else DENSE_SHAPE
+    compiled_shapes = [conv_shapes[0], dense_shape] if args.quick else COMPILED_SHAPES
 
     rows = []
+    summary = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'shape':>22} {'OnlineNorm ms':>14} {'BatchNorm ms':>13} {'ratio':>7} {'target':>7} {'mem ratio':>10}")
-    cases = [(shape, False) for shape in [*conv_shapes, dense_shape]] + [(shape, True) for shape in conv_shapes]
-    for shape, channels_last in cases:
-        t_on, t_bn = time_pair(shape, args.repeats, channels_last)
-        m_on, m_bn = peak_memory_pair(shape, channels_last)
-        kind = "dense" if len(shape) == 2 else "conv_channels_last" if channels_last else "conv"
-        row = {"shape": list(shape), "kind": kind, "online_ms": t_on * 1e3, "batchnorm_ms": t_bn * 1e3,
-               "ratio": t_on / t_bn, "online_peak_bytes": m_on, "batchnorm_peak_bytes": m_bn,
-               "memory_ratio": m_on / m_bn if m_bn else float("nan")}  # fmt: skip
-        rows.append(row)
-        label = f"{shape}{' CL' if channels_last else ''}"
-        print(f"{label:>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
-              f"{f'{TARGETS[kind]:.1f}x' if kind in TARGETS else '-':>7} {row['memory_ratio']:9.2f}x")  # fmt: skip
-    geomeans = {
-        kind: geometric_mean([r["ratio"] for r in rows if r["kind"] == kind]) for kind in ("conv", "conv_channels_last")
-    }
-    worst_memory = max(r["memory_ratio"] for r in rows)
-    print(f"conv geometric mean {geomeans['conv']:.2f}x (target {TARGETS['conv_geomean']}x); "
-          f"channels_last (BatchNorm in channels_last too, no target) {geomeans['conv_channels_last']:.2f}x; "
-          f"worst memory ratio {worst_memory:.2f}x (target {TARGETS['memory']}x)")  # fmt: skip
+    if not args.no_eager:
+        print(f"{'shape':>22} {'OnlineNorm ms':>14} {'BatchNorm ms':>13} {'ratio':>7} {'target':>7} {'mem ratio':>10}")
+        cases = [(shape, False) for shape in [*conv_shapes, dense_shape]] + [(shape, True) for shape in conv_shapes]
+        for shape, channels_last in cases:
+            t_on, t_bn = time_pair(shape, args.repeats, channels_last)
+            m_on, m_bn = peak_memory_pair(shape, channels_last)
+            kind = "dense" if len(shape) == 2 else "conv_channels_last" if channels_last else "conv"
+            row = {"shape": list(shape), "kind": kind, "online_ms": t_on * 1e3, "batchnorm_ms": t_bn * 1e3,
+                   "ratio": t_on / t_bn, "online_peak_bytes": m_on, "batchnorm_peak_bytes": m_bn,
+                   "memory_ratio": m_on / m_bn if m_bn else float("nan")}  # fmt: skip
+            rows.append(row)
+            label = f"{shape}{' CL' if channels_last else ''}"
+            print(f"{label:>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} {row['ratio']:6.2f}x "
+                  f"{f'{TARGETS[kind]:.1f}x' if kind in TARGETS else '-':>7} {row['memory_ratio']:9.2f}x")  # fmt: skip
+        geomeans = {
+            kind: geometric_mean([r["ratio"] for r in rows if r["kind"] == kind])
+            for kind in ("conv", "conv_channels_last")
+        }
+        worst_memory = max(r["memory_ratio"] for r in rows)
+        print(f"conv geometric mean {geomeans['conv']:.2f}x (target {TARGETS['conv_geomean']}x); "
+              f"channels_last (BatchNorm in channels_last too, no target) {geomeans['conv_channels_last']:.2f}x; "
+              f"worst memory ratio {worst_memory:.2f}x (target {TARGETS['memory']}x)")  # fmt: skip
+        summary = {"conv_geomean": geomeans["conv"], "conv_channels_last_geomean": geomeans["conv_channels_last"]}
+    compiled_rows = []
+    if not args.no_compiled:
+        warm_up_compiler()
+        print("torch.compile(fullgraph=True) of each layer, first compile without TorchInductor's caches")
+        print(f"{'shape':>22} {'OnlineNorm ms':>14} {'BatchNorm ms':>13} {'ratio':>7} "
+              f"{'ON compile s':>13} {'BN compile s':>13} {'ratio':>7}")  # fmt: skip
+        for shape in compiled_shapes:
+            (t_on, t_bn), (c_on, c_bn) = time_compiled_pair(shape, args.repeats)
+            row = {"shape": list(shape), "kind": "dense" if len(shape) == 2 else "conv", "online_ms": t_on * 1e3,
+                   "batchnorm_ms": t_bn * 1e3, "ratio": t_on / t_bn, "online_compile_s": c_on,
+                   "batchnorm_compile_s": c_bn, "compile_time_ratio": c_on / c_bn}  # fmt: skip
+            compiled_rows.append(row)
+            print(f"{str(tuple(shape)) + ' compiled':>22} {row['online_ms']:14.2f} {row['batchnorm_ms']:13.2f} "
+                  f"{row['ratio']:6.2f}x {c_on:13.1f} {c_bn:13.1f} {row['compile_time_ratio']:6.2f}x")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
-            summary = {"conv_geomean": geomeans["conv"], "conv_channels_last_geomean": geomeans["conv_channels_last"]}
-            json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows, **summary}, handle, indent=2)
+            data = {"torch": torch.__version__, "threads": args.threads, "rows": rows, **summary}
+            json.dump({**data, "compiled_rows": compiled_rows}, handle, indent=2)
     return 0
 
 

@@ -8,9 +8,16 @@ ResNet-18 and MobileNetV2. The converted model is ``onorm_convert.convert(model,
 A third copy with the norms replaced by identities is timed alongside, so that what the
 normalization layers themselves cost (step minus norm-free step) is reported too.
 
-    python benchmarks/bench_train_step.py [--repeats 7] [--quick] [--json PATH]
+The compiled column (issue 14) times the same step with ``torch.compile(model, fullgraph=True)``
+of each model (the optimizer step stays eager, alike for both), and the first compile of each:
+the wall time of its first step, with TorchInductor's caches off (``--warm-cache`` keeps them),
+after a throwaway compile has paid the once-per-process start-up.
 
-Targets (issue 5): ResNet-18 <= 1.10x, MobileNetV2 <= 1.30x BatchNorm's train step.
+    python benchmarks/bench_train_step.py [--repeats 7] [--quick] [--models resnet18 ...]
+        [--no-eager | --no-compiled] [--compiled-repeats N] [--json PATH]
+
+Targets: eager (issue 5) ResNet-18 <= 1.10x, MobileNetV2 <= 1.30x BatchNorm's train step;
+compiled (issue 14) <= 1.10x compiled BatchNorm's for both, first compile <= 1.5x BatchNorm's.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +38,8 @@ from onorm_convert import convert
 from common import RESULTS_DIR, BasicBlock, environment, interleaved_medians, write_json
 
 TARGETS = {"resnet18": 1.10, "mobilenet_v2": 1.30}
+COMPILED_TARGET = 1.10  # compiled ON over compiled BN, both models
+COMPILE_TIME_TARGET = 1.5  # ON's first compile over BN's
 
 
 def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:
@@ -117,6 +127,32 @@ def sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     return step
 
 
+def compiled_sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    """:func:`sgd_train_step` with ``torch.compile(model, fullgraph=True)`` in place of ``model``.
+
+    Nothing compiles until the closure's first call (forward and backward both compile then).
+    """
+    model.train()
+    compiled = torch.compile(model, fullgraph=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(compiled(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def warm_up_compiler() -> None:
+    """One throwaway compile of a forward and backward, so that what a process pays once
+    (importing and initialising TorchInductor, finding the C++ compiler) is not charged to
+    whichever model compiles first."""
+    layer = nn.Linear(4, 4)
+    torch.compile(layer, fullgraph=True)(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()
+
+
 def without_norms(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every BatchNorm replaced by ``nn.Identity`` (the cost of everything else)."""
     stripped = copy.deepcopy(model)
@@ -158,38 +194,121 @@ def compare_train_steps(
     }
 
 
+def compare_compiled_train_steps(
+    build: Callable[[], nn.Module],
+    batch: int,
+    size: int,
+    repeats: int,
+    num_classes: int = 1000,
+    seed: int = 0,
+    cold: bool = True,
+) -> dict[str, float]:
+    """Compiled train steps of ``build()`` with BatchNorm and converted to OnlineNorm (clamp).
+
+    Same weights and batch as :func:`compare_train_steps`. Each model's first step (which
+    compiles its forward and backward) is timed on its own, BatchNorm's first, with
+    TorchInductor's on-disk caches off when ``cold``; then the compiled steps run
+    interleaved, median of ``repeats``. Returns milliseconds per step, ``ratio`` (ON over
+    BN), the first-compile seconds and their ratio, and how many frames compiled.
+    """
+    torch.manual_seed(seed)
+    original = build()
+    converted = convert(copy.deepcopy(original), ecm="clamp")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 3, size, size, generator=generator)
+    targets = torch.randint(0, num_classes, (batch,), generator=generator)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    steps = {
+        "batchnorm": compiled_sgd_train_step(original, inputs, targets),
+        "online": compiled_sgd_train_step(converted, inputs, targets),
+    }
+    compile_s = {}
+    with torch._inductor.config.patch(force_disable_caches=cold):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            compile_s[name] = time.perf_counter() - start
+        medians = interleaved_medians(steps, repeats, warmup=1)
+    ms = {name: seconds * 1e3 for name, seconds in medians.items()}
+    return {
+        "compiled_batchnorm_ms": ms["batchnorm"],
+        "compiled_online_ms": ms["online"],
+        "compiled_ratio": ms["online"] / ms["batchnorm"],
+        "batchnorm_compile_s": compile_s["batchnorm"],
+        "online_compile_s": compile_s["online"],
+        "compile_time_ratio": compile_s["online"] / compile_s["batchnorm"],
+        "frames_compiled": int(counters["stats"]["unique_graphs"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per model (median taken)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed eager steps per model (median taken)")
+    parser.add_argument(
+        "--compiled-repeats", type=int, default=None, help="timed compiled steps per model (default: --repeats)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=112, help="input height and width")
     parser.add_argument("--quick", action="store_true", help="narrow models at 32x32, to check the harness runs")
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(TARGETS), default=list(TARGETS), help="which models (default: both)"
+    )
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--no-eager", action="store_true", help="skip the eager column (compiled only)")
+    columns.add_argument("--no-compiled", action="store_true", help="skip the compiled column (eager only)")
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="keep TorchInductor's on-disk caches for the first compile"
+    )
     parser.add_argument(
         "--json", type=Path, default=RESULTS_DIR / "bench_train_step.json", help="where to write the figures"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = 32 if args.quick else args.size
-    models = {
+    compiled_repeats = args.repeats if args.compiled_repeats is None else args.compiled_repeats
+    builders = {
         "resnet18": (lambda: resnet18(width=8)) if args.quick else resnet18,
         "mobilenet_v2": (lambda: mobilenet_v2(width_divisor=8)) if args.quick else mobilenet_v2,
     }
+    models = {name: builders[name] for name in args.models}
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {size}x{size}, "
-          f"median of {args.repeats} interleaved train steps")  # fmt: skip
-    print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}      "
-          f"{'no-norm ms':>10} {'BN layers ms':>12} {'ON layers ms':>12} {'layers ratio':>12}")  # fmt: skip
-    rows = {}
-    for name, build in models.items():
-        row = compare_train_steps(build, args.batch, size, args.repeats)
-        row["target"] = TARGETS[name]
-        row["meets_target"] = row["ratio"] <= row["target"]
-        rows[name] = row
-        print(f"{name:>13} {row['batchnorm_ms']:13.1f} {row['online_ms']:14.1f} {row['ratio']:6.2f}x {row['target']:6.2f}x"
-              f"  {'ok    ' if row['meets_target'] else 'MISSED'}{row['no_norm_ms']:10.1f} {row['batchnorm_layers_ms']:12.1f} "
-              f"{row['online_layers_ms']:12.1f} {row['layers_ratio']:11.2f}x")  # fmt: skip
-    settings = {"batch": args.batch, "size": size, "repeats": args.repeats, "quick": args.quick, "ecm": "clamp"}
+    rows: dict[str, dict] = {name: {} for name in models}
+    if not args.no_eager:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {size}x{size}, "
+              f"median of {args.repeats} interleaved train steps (eager)")  # fmt: skip
+        print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}      "
+              f"{'no-norm ms':>10} {'BN layers ms':>12} {'ON layers ms':>12} {'layers ratio':>12}")  # fmt: skip
+        for name, build in models.items():
+            row = compare_train_steps(build, args.batch, size, args.repeats)
+            row["target"] = TARGETS[name]
+            row["meets_target"] = row["ratio"] <= row["target"]
+            rows[name].update(row)
+            print(f"{name:>13} {row['batchnorm_ms']:13.1f} {row['online_ms']:14.1f} {row['ratio']:6.2f}x {row['target']:6.2f}x"
+                  f"  {'ok    ' if row['meets_target'] else 'MISSED'}{row['no_norm_ms']:10.1f} {row['batchnorm_layers_ms']:12.1f} "
+                  f"{row['online_layers_ms']:12.1f} {row['layers_ratio']:11.2f}x")  # fmt: skip
+    if not args.no_compiled:
+        warm_up_compiler()
+        print(f"torch.compile(fullgraph=True), median of {compiled_repeats} interleaved train steps; first compile "
+              f"{'with' if args.warm_cache else 'without'} TorchInductor's caches")  # fmt: skip
+        print(f"{'model':>13} {'BatchNorm ms':>13} {'OnlineNorm ms':>14} {'ratio':>7} {'target':>7}      "
+              f"{'BN compile s':>12} {'ON compile s':>12} {'ratio':>7} {'target':>7}")  # fmt: skip
+        for name, build in models.items():
+            row = compare_compiled_train_steps(build, args.batch, size, compiled_repeats, cold=not args.warm_cache)
+            row["compiled_target"] = COMPILED_TARGET
+            row["compiled_meets_target"] = row["compiled_ratio"] <= COMPILED_TARGET
+            row["compile_time_target"] = COMPILE_TIME_TARGET
+            row["compile_time_meets_target"] = row["compile_time_ratio"] <= COMPILE_TIME_TARGET
+            rows[name].update(row)
+            print(f"{name:>13} {row['compiled_batchnorm_ms']:13.1f} {row['compiled_online_ms']:14.1f} "
+                  f"{row['compiled_ratio']:6.2f}x {COMPILED_TARGET:6.2f}x  {'ok    ' if row['compiled_meets_target'] else 'MISSED'}"
+                  f"{row['batchnorm_compile_s']:12.1f} {row['online_compile_s']:12.1f} {row['compile_time_ratio']:6.2f}x "
+                  f"{COMPILE_TIME_TARGET:6.2f}x  {'ok' if row['compile_time_meets_target'] else 'MISSED'}")  # fmt: skip
+    settings = {"batch": args.batch, "size": size, "repeats": args.repeats, "compiled_repeats": compiled_repeats,
+                "quick": args.quick, "ecm": "clamp", "eager": not args.no_eager, "compiled": not args.no_compiled,
+                "compile_cache": args.warm_cache}  # fmt: skip
     write_json(args.json, {"environment": environment(), "settings": settings, "models": rows})
     print(f"wrote {args.json}")
     return 0
