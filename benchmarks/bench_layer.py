@@ -62,6 +62,11 @@ def time_pair(shape, repeats, channels_last=False):
     for layer in (online, batch):  # warm-up: allocator, kernels, first-touch pages
         for _ in range(2):
             train_step(layer, x, grad)
+    return alternated_medians(online, batch, x, grad, repeats)
+
+
+def alternated_medians(online, batch, x, grad, repeats: int) -> tuple[float, float]:
+    """Median seconds of a forward+backward of each layer, the two alternated step by step (so load hits both)."""
     times = {id(online): [], id(batch): []}
     for _ in range(repeats):
         for layer in (online, batch):
@@ -88,13 +93,8 @@ def time_compiled_pair(shape, repeats):
             compile_s.append(time.perf_counter() - start)
         for layer in (online, batch):
             train_step(layer, x, grad)
-        times = {id(online): [], id(batch): []}
-        for _ in range(repeats):
-            for layer in (online, batch):
-                start = time.perf_counter()
-                train_step(layer, x, grad)
-                times[id(layer)].append(time.perf_counter() - start)
-    return (statistics.median(times[id(online)]), statistics.median(times[id(batch)])), tuple(compile_s)
+        medians = alternated_medians(online, batch, x, grad, repeats)
+    return medians, tuple(compile_s)
 
 
 def warm_up_compiler():

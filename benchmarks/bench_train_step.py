@@ -114,31 +114,21 @@ def mobilenet_v2(num_classes: int = 1000, width_divisor: int = 1) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
-    """A closure running one train step of ``model`` on the fixed batch: forward, loss, backward, SGD."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def sgd_train_step(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, compiled: bool = False
+) -> Callable[[], None]:
+    """A closure running one train step of ``model`` on the fixed batch: forward, loss, backward, SGD.
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-
-    return step
-
-
-def compiled_sgd_train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
-    """:func:`sgd_train_step` with ``torch.compile(model, fullgraph=True)`` in place of ``model``.
-
-    Nothing compiles until the closure's first call (forward and backward both compile then).
+    ``compiled``: the forward is ``torch.compile(model, fullgraph=True)``; nothing compiles
+    until the closure's first call (forward and backward both compile then).
     """
     model.train()
-    compiled = torch.compile(model, fullgraph=True)
+    forward = torch.compile(model, fullgraph=True) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(compiled(inputs), targets).backward()
+        F.cross_entropy(forward(inputs), targets).backward()
         optimizer.step()
 
     return step
@@ -221,8 +211,8 @@ def compare_compiled_train_steps(
     counters = torch._dynamo.utils.counters
     counters.clear()
     steps = {
-        "batchnorm": compiled_sgd_train_step(original, inputs, targets),
-        "online": compiled_sgd_train_step(converted, inputs, targets),
+        "batchnorm": sgd_train_step(original, inputs, targets, compiled=True),
+        "online": sgd_train_step(converted, inputs, targets, compiled=True),
     }
     compile_s = {}
     with torch._inductor.config.patch(force_disable_caches=cold):
