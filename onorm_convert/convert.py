@@ -216,7 +216,7 @@ def convert_with_report(
             )
     if not replacements:
         warnings.warn(
-            f"{_nothing_converted(model, changes)}; it is returned unchanged", ConversionWarning, stacklevel=2
+            f"{why_nothing_converts(model, changes)}; it is returned unchanged", ConversionWarning, stacklevel=2
         )
     return swap_modules(model, replacements), changes
 
@@ -430,7 +430,7 @@ def unmatched_globs(model: nn.Module, patterns: Sequence[str] | None) -> list[st
     return [p for p in patterns or [] if not any(fnmatch.fnmatchcase(name, p) for name in names)]
 
 
-def _nothing_converted(model: nn.Module, changes: list[LayerChange]) -> str:
+def why_nothing_converts(model: nn.Module, changes: list[LayerChange]) -> str:
     """Why nothing was converted, saying what normalization the model does have."""
     batch_norms = [change for change in changes if not isinstance(change.module, OnlineNormBase)]
     if batch_norms:

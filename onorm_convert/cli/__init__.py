@@ -4,6 +4,7 @@ from . import (  # noqa: F401 - registers `onorm convert` and `onorm inspect`
     convert_cmd,
     export_cmd,  # noqa: F401 - registers `onorm export`
     inspect_cmd,
+    revert_cmd,  # noqa: F401 - registers `onorm revert`
 )
 from .app import app, main
 

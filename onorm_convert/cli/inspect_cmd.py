@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..convert import ConversionWarning, convert_with_report, plan_conversion
+from ..convert import ConversionWarning, convert_with_report, plan_conversion, why_nothing_converts
 from ..errors import EXIT_OK
 from ..fold import fold_with_report
 from ..inputs import random_inputs
@@ -87,7 +87,7 @@ def inspect(
         for line in format_table(TABLE_COLUMNS, rows):
             console.print(line)
         if not layers:
-            console.print("no normalization layers")
+            console.print(why_nothing_converts(loaded.module, changes))
         return EXIT_OK, report
 
     run_command("inspect", json_mode, debug, body)
