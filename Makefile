@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench zoo clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,22 @@ bench: setup
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/train_digits.py
+
+# Optional, not part of `make test`: real torchvision/timm models through convert -> fold -> export
+# (benchmarks/zoo.py; issue 12's targets). Their wheels do not install beside the CPU torch above,
+# so they get a venv of their own (about 5.5 GB; on this project's machines the wheels lie on disk).
+ZOO_VENV ?= .venv-zoo
+ZOO_STAMP := $(ZOO_VENV)/.installed
+
+$(ZOO_STAMP):
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(ZOO_VENV)/bin/pip install --quiet timm onnx onnxruntime onnxscript typer numpy
+	$(ZOO_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(ZOO_STAMP)
+
+zoo: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python benchmarks/zoo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
