@@ -153,6 +153,17 @@ def without_norms(model: nn.Module) -> nn.Module:
     return stripped
 
 
+def models_and_batch(build: Callable[[], nn.Module], batch: int, size: int, num_classes: int, seed: int):
+    """``build()`` (BatchNorm), its conversion (clamp), and one seeded batch of inputs and targets."""
+    torch.manual_seed(seed)
+    original = build()
+    converted = convert(copy.deepcopy(original), ecm="clamp")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 3, size, size, generator=generator)
+    targets = torch.randint(0, num_classes, (batch,), generator=generator)
+    return original, converted, inputs, targets
+
+
 def compare_train_steps(
     build: Callable[[], nn.Module], batch: int, size: int, repeats: int, num_classes: int = 1000, seed: int = 0
 ) -> dict[str, float]:
@@ -162,12 +173,7 @@ def compare_train_steps(
     OnlineNorm's step over BatchNorm's; subtracting the norm-free step gives what the
     normalization layers themselves cost in each (``*_layers_ms``, ``layers_ratio``).
     """
-    torch.manual_seed(seed)
-    original = build()
-    converted = convert(copy.deepcopy(original), ecm="clamp")
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, 3, size, size, generator=generator)
-    targets = torch.randint(0, num_classes, (batch,), generator=generator)
+    original, converted, inputs, targets = models_and_batch(build, batch, size, num_classes, seed)
     models = {"batchnorm": original, "online": converted, "no_norm": without_norms(original)}
     medians = interleaved_medians(
         {name: sgd_train_step(model, inputs, targets) for name, model in models.items()}, repeats
@@ -201,12 +207,7 @@ def compare_compiled_train_steps(
     interleaved, median of ``repeats``. Returns milliseconds per step, ``ratio`` (ON over
     BN), the first-compile seconds and their ratio, and how many frames compiled.
     """
-    torch.manual_seed(seed)
-    original = build()
-    converted = convert(copy.deepcopy(original), ecm="clamp")
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, 3, size, size, generator=generator)
-    targets = torch.randint(0, num_classes, (batch,), generator=generator)
+    original, converted, inputs, targets = models_and_batch(build, batch, size, num_classes, seed)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()

@@ -43,14 +43,13 @@ from .files import write_atomically
 from .layers import ONLINE_NORMS, OnlineNormAct2d, OnlineNormBase
 from .options import ConvertOptions
 from .shared import swap_modules
-from .trust import KeyUnavailable, code_location, sign
+from .trust import MAX_DEPTH, KeyUnavailable, code_location, sign
 
 FORMAT_TAG = "onorm_convert.checkpoint"
 FORMAT_VERSION = 3  # 3: a layer may be an OnlineNormAct2d; 2: the layout is recorded ("layers"); 1: only the options
 # package.module:factory, within reason: a recorded arch is shown in messages before anything is imported.
 _ARCH_SPEC = re.compile(r"[A-Za-z_][\w.]{0,199}:[A-Za-z_][\w.]{0,199}", re.ASCII)  # ASCII: no look-alike letters
 _SIGNATURE = re.compile(r"[0-9a-f]{64}", re.ASCII)
-_MAX_DEPTH = 32  # of arch_kwargs and conversion: deeper is no model's configuration, and would overflow the stack later
 # The keyword arguments of onorm_convert.convert that a checkpoint records.
 CONVERSION_OPTIONS = frozenset({option.name for option in fields(ConvertOptions)} | {"include", "exclude", "frozen_bn"})
 # What an OnlineNorm is built from: its constructor's arguments, each kept as an attribute of the same name.
@@ -320,8 +319,8 @@ def validate_checkpoint(obj: Mapping[str, Any], source: Path) -> dict[str, Any]:
 
 
 def _json_like(value: Any, depth: int = 0) -> bool:
-    """Plain data, at most ``_MAX_DEPTH`` deep, with str keys."""
-    if depth > _MAX_DEPTH:
+    """Plain data, at most ``MAX_DEPTH`` deep, with str keys."""
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, Mapping):
         return all(isinstance(key, str) and _json_like(item, depth + 1) for key, item in value.items())

@@ -34,7 +34,7 @@ from typing import Any
 KEY_NAME = "checkpoint.key"
 _KEY_BYTES = 32
 _DOMAIN = b"onorm checkpoint code v2\0"  # a signature of this kind cannot be replayed as any other
-_MAX_DEPTH = 32
+MAX_DEPTH = 32  # of recorded arguments: deeper is no model's configuration, and would overflow the stack
 
 
 class KeyUnavailable(Exception):
@@ -119,7 +119,7 @@ def _mac(key: bytes, arch: Any, arch_kwargs: Any, location: Any) -> str:
 
 def _canonical(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` has exactly one JSON text: only str keys, lists not tuples, finite numbers, shallow."""
-    if depth > _MAX_DEPTH:
+    if depth > MAX_DEPTH:
         return False
     if isinstance(value, dict):
         return all(isinstance(key, str) and _canonical(item, depth + 1) for key, item in value.items())

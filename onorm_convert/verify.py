@@ -380,14 +380,24 @@ class AgreementMeter:
         if any(ref.shape != cand.shape for ref, cand in pairs):
             return
         rows = int(result.inputs[0].shape[0]) if result.inputs else 0
-        same, logits = np.ones(rows, dtype=bool), False
-        for ref, cand in pairs:
-            if ref.ndim == 2 and ref.shape[0] == rows and ref.shape[1] > 1:
-                logits = True
-                same &= ref.argmax(axis=1) == cand.argmax(axis=1)
-        diff = max((float(np.abs(ref.astype(np.float64) - cand).max(initial=0.0)) for ref, cand in pairs), default=0.0)
-        top1 = float(same.mean()) if logits and rows else None
+        same, diff = same_predictions(pairs, rows)
+        top1 = float(same.mean()) if same is not None and rows else None
         self.agreement.batches.append(BatchAgreement(result.label, rows, diff, top1))
+
+
+def same_predictions(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> tuple[np.ndarray | None, float]:
+    """Per row, whether the candidate's top-1 class equals the reference's in every logits output.
+
+    Logits are ``(rows, K)`` outputs with ``K > 1``; None where there are none. Also returns
+    the largest ``|candidate - reference|`` over every ``(reference, candidate)`` pair.
+    """
+    same, logits = np.ones(rows, dtype=bool), False
+    for ref, cand in pairs:
+        if ref.ndim == 2 and ref.shape[0] == rows and ref.shape[1] > 1:
+            logits = True
+            same &= ref.argmax(axis=1) == cand.argmax(axis=1)
+    diff = max((float(np.abs(ref.astype(np.float64) - cand).max(initial=0.0)) for ref, cand in pairs), default=0.0)
+    return (same if logits else None), diff
 
 
 @dataclass
@@ -545,14 +555,11 @@ def prediction_agreement(original: nn.Module, converted: nn.Module, inputs: Sequ
     with eval_mode(original), eval_mode(converted):
         reference = _finite_outputs(run_model(original, inputs), "original")
         candidate = _finite_outputs(run_model(converted, inputs), "converted")
-    pairs = _paired(reference, candidate)
+    pairs = [
+        (a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()) for a, b in _paired(reference, candidate)
+    ]
     samples = int(inputs[0].shape[0]) if inputs else 0
-    same = torch.ones(samples, dtype=torch.bool)
-    logits = False
-    for a, b in pairs:
-        if a.ndim == 2 and a.shape[0] == samples and a.shape[1] > 1:
-            logits = True
-            same &= a.argmax(dim=1) == b.argmax(dim=1)
-    change = max((_max_abs(a.double() - b.double()) for a, b in pairs), default=0.0)
-    agreement = float(same.float().mean()) if logits and samples else None
-    return AgreementReport(samples, logits, agreement, int((~same).sum()) if logits else 0, change)
+    same, change = same_predictions(pairs, samples)
+    if same is None:
+        return AgreementReport(samples, False, None, 0, change)
+    return AgreementReport(samples, True, float(same.mean()) if samples else None, int((~same).sum()), change)
