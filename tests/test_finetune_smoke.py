@@ -84,6 +84,19 @@ def test_the_warm_up_schedule_rises_then_decays(finetune):
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.05
 
 
+def test_the_step_schedule_cuts_tenfold_at_its_share_of_the_run(finetune):
+    optimizer = finetune.SGD_NESTEROV_STEP_RECIPE.optimizer_for([torch.zeros(1, requires_grad=True)], lr=1.0)
+    assert optimizer.param_groups[0]["nesterov"] is True
+    schedule = finetune.SGD_NESTEROV_STEP_RECIPE.schedule_for(optimizer, 10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([1.0] * 5 + [0.1] * 5)
+    assert isinstance(finetune.ADAM_RECIPE.optimizer_for([torch.zeros(1, requires_grad=True)], 1.0), torch.optim.Adam)
+
+
 def test_a_converted_model_is_fine_tuned_as_online_norm(finetune):
     spec = finetune.MODELS["conv1d"]
     split = finetune.load_digits_split(limit=(64, 32))
