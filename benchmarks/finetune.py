@@ -99,6 +99,8 @@ ADAMW_CONSTANT_RECIPE = Recipe("adamw", lr=1e-3, weight_decay=5e-2)
 # The second held-out pair: written before alpha_fwd 0.995 was measured on any model, to test that choice.
 SGD_NESTEROV_STEP_RECIPE = Recipe("sgd", lr=0.1, weight_decay=1e-4, nesterov=True, step_decay_at=0.5)
 ADAM_RECIPE = Recipe("adam", lr=5e-4, weight_decay=0.0)
+# The third held-out model's: written after alpha_mode="adaptive" was, to test it.
+SGD_PLAIN_RECIPE = Recipe("sgd", lr=0.1, momentum=0.0, weight_decay=5e-4, warmup_fraction=0.1)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,48 @@ def dense_tiny() -> nn.Module:
     )  # fmt: skip
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: channels gated by a two-layer bottleneck over their spatial means."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels // reduction, 1), nn.ReLU(),
+            nn.Conv2d(channels // reduction, channels, 1), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
+class SEBlock(nn.Module):
+    """A residual block whose second conv's normalized output is gated by squeeze-and-excitation."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False), nn.BatchNorm2d(channels_out),
+            SqueezeExcite(channels_out),
+        )  # fmt: skip
+        same = stride == 1 and channels_in == channels_out
+        self.shortcut = nn.Identity() if same else nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def se_resnet() -> nn.Module:
+    """Held out: residual blocks with squeeze-and-excitation, widths 24/48, one stride-2 stage, 16x16."""
+    return nn.Sequential(
+        nn.Conv2d(1, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+        SEBlock(24, 24, 1), SEBlock(24, 48, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10),
+    )  # fmt: skip
+
+
 def upsampled_16(images: Tensor) -> Tensor:
     """Digits upsampled bilinearly to ``(N, 1, 16, 16)``."""
     return F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
@@ -248,6 +292,8 @@ MODELS = {
                   "tenfold step decay at half the run, 3 epochs", preact_resnet, upsampled_16, SGD_NESTEROV_STEP_RECIPE, 3),
         ModelSpec("dense_tiny", "held out: DenseNet-style, growth 12, concatenation, 16x16; Adam lr 5e-4 constant, "
                   "no weight decay, 3 epochs", dense_tiny, upsampled_16, ADAM_RECIPE, 3),
+        ModelSpec("se_resnet", "held out: residual blocks with squeeze-and-excitation, 24/48, stride 2, 16x16; SGD "
+                  "without momentum lr 0.1, warm-up + cosine, 2 epochs", se_resnet, upsampled_16, SGD_PLAIN_RECIPE, 2),
     )
 }  # fmt: skip
 
@@ -542,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: little data, a few steps, one seed")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--models", default=",".join(TUNED), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="also fine-tune convert(model, **JSON) under NAME (repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)

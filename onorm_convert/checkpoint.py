@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .errors import BadInputError, OptionError, quoted
 from .files import write_atomically
 from .layers import ONLINE_NORMS, OnlineNormAct2d, OnlineNormBase
+from .layers.adaptive_alpha import ADAPTIVE, FIXED
 from .options import ConvertOptions
 from .shared import swap_modules
 from .trust import MAX_DEPTH, KeyUnavailable, code_location, sign
@@ -198,7 +199,8 @@ def inferred_layout(
 
     The layers are those the state dict holds OnlineNorm state for (control accumulators
     ``u_ctrl``) where ``module`` has a BatchNorm; their width comes from that state, their
-    rank from the BatchNorm's class, ``eps`` from the BatchNorm, the rest from ``options``;
+    rank from the BatchNorm's class, ``eps`` from the BatchNorm, ``alpha_mode`` from whether the
+    state holds an adaptive alpha, the rest from ``options``;
     a norm-act layer (one holding ``drop`` and ``act`` modules) keeps its drop and act.
     """
     own = module.state_dict().keys()
@@ -219,6 +221,8 @@ def inferred_layout(
             )
         affine = f"{prefix}.weight" in state_dict if prefix else "weight" in state_dict
         config = {**asdict(options), "num_features": value.numel(), "eps": float(norm.eps), "affine": affine}
+        # The state says which alpha_mode made it (files from before it existed hold fixed-alpha layers).
+        config["alpha_mode"] = ADAPTIVE if f"{prefix}.alpha_now" in state_dict else FIXED
         layout[prefix] = {"rank": rank, "config": config}
         if all(isinstance(getattr(norm, part, None), nn.Module) for part in _NORM_ACT_PARTS):  # a norm-act layer
             layout[prefix] |= _norm_act_records(norm, prefix)

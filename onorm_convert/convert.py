@@ -14,7 +14,7 @@ import fnmatch
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -124,6 +124,7 @@ def convert(
     alpha_bkw: float = ConvertOptions.alpha_bkw,
     control: str = ConvertOptions.control,
     clamp_mode: str = ConvertOptions.clamp_mode,
+    alpha_mode: str = ConvertOptions.alpha_mode,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
@@ -142,6 +143,8 @@ def convert(
         alpha_bkw: the decay of the backward control processes (doc 0.99, default 0.9).
         control: ``"stable"`` (v's decay kept in (0, 1]) or ``"exact"`` (the doc's equations).
         clamp_mode: ``"affine"`` (keeps a trained model's outputs) or ``"fixed"`` (the doc's).
+        alpha_mode: ``"adaptive"`` (each layer's alpha_fwd, starting at ``alpha_fwd``, follows the drift
+            its statistics see; :mod:`onorm_convert.layers.adaptive_alpha`) or ``"fixed"`` (the doc's).
         include, exclude: glob patterns over qualified module names; a shared module matches
             through any of its names.
         inplace: convert ``model`` itself. Its Parameter objects are kept, so an optimizer built
@@ -156,7 +159,7 @@ def convert(
     for a model that cannot be converted (lazy or damaged BatchNorms). Each layer left alone
     is a :class:`ConversionWarning`; :func:`convert_with_report` also returns what was done.
     """
-    options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
+    options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode)
     return convert_with_report(
         model,
         options,
@@ -347,11 +350,7 @@ def _new_online(
     factory = (
         {"device": None, "dtype": None} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     )
-    return online_cls(
-        _channels(bn), alpha_fwd=options.alpha_fwd, alpha_bkw=options.alpha_bkw, eps=float(bn.eps), affine=affine,
-        ecm=options.ecm, clamp_value=options.clamp_value, control=options.control, clamp_mode=options.clamp_mode,
-        **factory,
-    )  # fmt: skip
+    return online_cls(_channels(bn), eps=float(bn.eps), affine=affine, **asdict(options), **factory)
 
 
 def _copy_stats(online: OnlineNormBase, mean: Tensor, var: Tensor) -> None:

@@ -34,12 +34,12 @@ from torch.nn.modules.conv import _ConvNd
 
 from .errors import BadInputError, first_line
 from .inputs import run_model
-from .layers import ONLINE_NORMS, STATE_BUFFERS, OnlineNormAct2d, OnlineNormBase
+from .layers import ADAPTIVE_BUFFERS, ONLINE_NORMS, STATE_BUFFERS, OnlineNormAct2d, OnlineNormBase
 from .layers.functional import CLAMP, LAYER_SCALING, frozen_affine, layer_scale
 from .shared import BATCH_NORM_STATE, PRODUCER_STATE, added_behaviour, nearest_known, non_finite_state
 
 NORM_TYPES = (OnlineNormBase, _BatchNorm)
-_ONLINE_NORM_STATE = frozenset({"weight", "bias", *STATE_BUFFERS})
+_ONLINE_NORM_STATE = frozenset({"weight", "bias", *STATE_BUFFERS, *ADAPTIVE_BUFFERS})
 # The norms that are a frozen per-channel affine map (then their ECM, then drop and act), by their direct state;
 # the concrete classes name the base in messages, the abstract ones cover other direct subclasses.
 _PLAIN_NORMS: dict[type, frozenset[str]] = {

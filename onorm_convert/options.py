@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from .errors import OptionError
 from .layers import OnlineNormBase, normalize_ecm
+from .layers.adaptive_alpha import ALPHA_MODES
 from .layers.functional import CONTROLS, ECMS
 from .layers.online_norm import CLAMP_MODES
 
@@ -32,6 +33,9 @@ class ConvertOptions:
     alpha_bkw: float = 0.9
     control: str = "stable"  # OnlineNormBase's control: "stable" (bounded v decay) or "exact" (the doc's)
     clamp_mode: str = "affine"  # OnlineNormBase's clamp_mode: "affine" (keeps a trained model's outputs) or "fixed"
+    # OnlineNormBase's alpha_mode: "adaptive" (alpha_fwd is where each layer's starts: no fixed memory suits both a
+    # fast SGD recipe and a slow AdamW one) or "fixed" (the doc's).
+    alpha_mode: str = "adaptive"
 
     def __post_init__(self) -> None:
         try:  # one spelling of each ECM ("layer-scaling" and None are accepted)
@@ -46,7 +50,9 @@ class ConvertOptions:
                 raise OptionError(name, getattr(self, name), "must be in [0, 1), e.g. 0.999")
         if not self.clamp_value > 0:
             raise OptionError("clamp_value", self.clamp_value, "must be positive, e.g. 5")
-        for name, allowed in (("ecm", ECMS), ("control", CONTROLS), ("clamp_mode", CLAMP_MODES)):
+        for name, allowed in (
+            ("ecm", ECMS), ("control", CONTROLS), ("clamp_mode", CLAMP_MODES), ("alpha_mode", ALPHA_MODES)
+        ):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise OptionError(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
 

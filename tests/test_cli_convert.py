@@ -243,6 +243,10 @@ BAD_FLAGS = {
         ["--arch", "sample_models.models:digits_mlp", "--alpha-fwd", "1.5"],
         "--alpha-fwd 1.5: must be in [0, 1)",
     ),
+    "alpha_mode": (
+        ["--arch", "sample_models.models:digits_mlp", "--alpha-mode", "auto"],
+        "--alpha-mode 'auto': must be one of fixed, adaptive",
+    ),
 }
 
 

@@ -16,7 +16,6 @@ import torch
 
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS, native, ops
-from onorm_convert.layers.ops import use_native
 
 from conftest import assert_matches, assert_no_worse_than_loop, layer_step, native_kernels, reference_of, reference_step
 
@@ -48,11 +47,12 @@ def test_the_kernels_are_built_and_chosen_for_every_cpu_layout():
     dense, rows = torch.zeros(4, 3, 1), torch.zeros(4, 3, 2)
     channels_last = torch.zeros(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).reshape(4, 3, -1)
     strided = torch.zeros(8, 3, 2)[::2]  # a view reshape keeps: copied for the kernel
+    half = dense.half()  # converted to float32 for the kernel
+    every_layout = (dense, dense.double(), rows, strided, channels_last, half)
     with native_kernels(True):
-        assert use_native(dense) and use_native(dense.double()) and use_native(rows)
-        assert use_native(strided) and use_native(channels_last) and not use_native(dense.half())
+        assert [ops.implementation(x).name for x in every_layout] == ["native"] * len(every_layout)
     with native_kernels(False):  # ONORM_BACKEND=scans
-        assert not use_native(dense) and not use_native(rows)
+        assert ops.implementation(dense).name == ops.implementation(rows).name == "scans"
 
 
 @needs_compiler

@@ -4,6 +4,7 @@ converted models under torch.compile and torch.export."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 
 import pytest
@@ -16,10 +17,11 @@ from onorm_convert.layers import STATE_BUFFERS, native, ops
 from conftest import native_kernels
 
 BACKENDS = ["native", "scan"]
-SETTINGS = {  # alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control
-    "clamp": (0.9, 0.8, 1e-5, 1.5, "fixed", "exact"),
-    "affine-clamp-stable": (0.9, 0.8, 1e-5, 0.7, "affine", "stable"),
-    "no-clamp": (0.5, 0.8, 1e-3, None, "fixed", "exact"),
+SETTINGS = {  # alpha_now (an adaptive layer's alpha, else None), alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control
+    "clamp": (None, 0.9, 0.8, 1e-5, 1.5, "fixed", "exact"),
+    "affine-clamp-stable": (None, 0.9, 0.8, 1e-5, 0.7, "affine", "stable"),
+    "no-clamp": (None, 0.5, 0.8, 1e-3, None, "fixed", "exact"),
+    "adaptive-alpha": (0.95, 0.9, 0.8, 1e-5, 1.5, "affine", "stable"),
 }
 CASES = {  # activations' shape, memory format, dtype, affine
     "dense": ((6, 4), torch.contiguous_format, torch.float32, True),
@@ -32,7 +34,7 @@ CASES = {  # activations' shape, memory format, dtype, affine
 def _forward_args(case, settings, alpha_bkw=None):
     """Arguments of ``onorm::train_forward`` for one case: x and weight requiring grad, a used state."""
     shape, memory_format, dtype, affine = CASES[case]
-    alpha_fwd, default_bkw, eps, clamp_value, clamp_mode, control = SETTINGS[settings]
+    alpha_now, alpha_fwd, default_bkw, eps, clamp_value, clamp_mode, control = SETTINGS[settings]
     channels = shape[1]
     x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format).requires_grad_(True)
     weight, bias = (torch.randn(channels, dtype=dtype).requires_grad_(True) for _ in range(2))
@@ -40,7 +42,9 @@ def _forward_args(case, settings, alpha_bkw=None):
     var = torch.rand(channels, dtype=dtype) + 0.5
     params = (weight, bias) if affine else (None, None)
     alpha_bkw = default_bkw if alpha_bkw is None else alpha_bkw
-    return (x, *params, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, dtype, "layer")
+    alpha_now = None if alpha_now is None else torch.tensor(alpha_now, dtype=dtype)
+    return (x, *params, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, dtype,
+            "layer")  # fmt: skip
 
 
 @pytest.mark.parametrize("settings", list(SETTINGS))
@@ -95,16 +99,28 @@ def test_onorm_backend_is_read_once(monkeypatch):
 
 
 @pytest.mark.usefixtures("unresolved_backend")
-def test_unset_onorm_backend_takes_the_best_available():
-    assert ops.backend() == ("native" if native.library() is not None else "scans")
+def test_unset_onorm_backend_takes_the_best_available_for_each_device():
+    assert ops.backend() == "auto"
+    assert ops.implementation(torch.zeros(2, 3)).name == ("native" if native.library() is not None else "scans")
+    assert ops.implementation(torch.zeros(2, 3, device="meta")).name == "scans"  # no kernels for other devices
+    if torch.cuda.is_available():
+        cuda = ops.implementation(torch.zeros(2, 3, device="cuda")).name
+        assert cuda == ("triton" if importlib.util.find_spec("triton") else "scans")
 
 
 @pytest.mark.usefixtures("unresolved_backend")
-@pytest.mark.parametrize("setting, message", [
-    ("triton", "ONORM_BACKEND=triton: this version has no Triton kernels"),
-    ("cuda", "ONORM_BACKEND must be one of native, scans, triton.*got 'cuda'"),
+@pytest.mark.parametrize("case, message", [
+    ("no-triton", "ONORM_BACKEND=triton: the Triton kernels cannot run here: triton does not import.*pip install triton"),
+    ("no-device", "ONORM_BACKEND=triton: the Triton kernels cannot run here: no CUDA device, and TRITON_INTERPRET=1"),
+    ("unknown", "ONORM_BACKEND must be one of native, scans, triton or auto.*got 'cuda'"),
 ])  # fmt: skip
-def test_an_unavailable_backend_is_an_error_not_a_fallback(monkeypatch, setting, message):
+def test_an_unavailable_backend_is_an_error_not_a_fallback(monkeypatch, case, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if case == "no-triton":
+        monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    elif case == "no-device" and (torch.cuda.is_available() or importlib.util.find_spec("triton") is None):
+        pytest.skip("needs triton installed and no CUDA device")
+    setting = "cuda" if case == "unknown" else "triton"
     monkeypatch.setenv("ONORM_BACKEND", setting)
     layer = OnlineNorm1d(3)
     with pytest.raises(ops.BackendError, match=message):
@@ -201,3 +217,15 @@ def test_a_converted_model_exports(mode):
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert ("onorm.train_forward.default" in targets) == (mode == "train")
     assert exported.module()(x).shape == (4, 4)
+
+
+def test_an_adaptive_layers_alpha_now_is_the_decay_the_ops_use():
+    torch.manual_seed(0)
+    x, weight, bias, mean, var, u, v, alpha_now, _, *rest = _forward_args("2d", "adaptive-alpha")
+    adaptive = ops.train_forward(x, weight, bias, mean, var, u, v, alpha_now, 0.5, *rest)
+    fixed = ops.train_forward(x, weight, bias, mean, var, u, v, None, float(alpha_now), *rest)
+    other = ops.train_forward(x, weight, bias, mean, var, u, v, None, 0.5, *rest)
+    for ours, theirs in zip(adaptive[:3], fixed[:3]):  # z and the new state
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(adaptive[3], torch.cat((fixed[3], alpha_now.expand(1, 3))), rtol=0, atol=0)
+    assert not torch.equal(adaptive[1], other[1])  # the settings' alpha_fwd is not what it used

@@ -1,10 +1,12 @@
 """A converted model trains for a few hundred steps at batch 1 and batch 64, in float32 and bf16 autocast.
 
 Real data (scikit-learn's digits, 8x8 images, 10 classes), a small BatchNorm CNN converted
-by ``onorm_convert.convert`` with its defaults (clamp, alpha_fwd 0.999, alpha_bkw 0.99).
-The loss must fall, nothing may become NaN/Inf, the state buffers stay float32, and the
-eval-mode model (frozen statistics) must classify held-out digits far above chance (10%).
-Measured here (seeded): batch 1 -> 73-74% held-out accuracy, batch 64 -> 91%.
+by ``onorm_convert.convert`` with its defaults. The loss must fall, nothing may become
+NaN/Inf, the state buffers stay float32, and the eval-mode model (frozen statistics) must
+classify held-out digits far above chance (10%). Measured at batch 1, float32, lr 0.02: 72.5%
+held-out accuracy (the adaptive alpha, the default, and alpha_mode "fixed" alike). At lr 0.05,
+three sampler seeds: 66-72% adaptive, 68-76% fixed; 54-62% when the adaptive alpha could fall
+to 0.95, which is why it stops at 0.99 (docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from onorm_convert.layers import STATE_BUFFERS, OnlineNormBase
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("eager_kernels", "one_thread")]
 
 STEPS = 300
-LEARNING_RATE = 0.05
+# Per batch size. At batch 1, lr 0.05 sits at the edge of stability: whether a run's loss falls
+# by 40% is chance (sampler seeds 1-5: 3 of 5 with the fixed alpha, 2 of 5 with the adaptive one,
+# whose alpha barely moves there). At 0.02 all five do, either way: loss 2.26 -> 0.89-1.08,
+# held-out accuracy 70-79%.
+LEARNING_RATE = {1: 0.02, 64: 0.05}
 HELD_OUT = 397  # the last digits; training samples come from the first 1400
 MIN_ACCURACY = {1: 0.6, 64: 0.85}  # a few points below what was measured, far above chance
 
@@ -52,7 +58,7 @@ def test_converted_model_trains(digits, batch, autocast):
     model = converted_cnn()
     norms = [m for m in model.modules() if isinstance(m, OnlineNormBase)]
     assert len(norms) == 2
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE[batch])
     sampler = torch.Generator().manual_seed(1)
     losses = []
     for step in range(STEPS):

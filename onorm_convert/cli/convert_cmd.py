@@ -67,6 +67,13 @@ def convert(
     clamp_mode: Annotated[
         str, typer.Option("--clamp-mode", help="affine: bound z by max(|beta| + c*|gamma|); fixed: by c (the doc's).")
     ] = ConvertOptions.clamp_mode,
+    alpha_mode: Annotated[
+        str,
+        typer.Option(
+            "--alpha-mode",
+            help="adaptive: each layer's forward decay starts at --alpha-fwd and follows the drift it sees; fixed: the doc's.",
+        ),
+    ] = ConvertOptions.alpha_mode,
     include: Annotated[
         list[str] | None,
         typer.Option(
@@ -102,7 +109,7 @@ def convert(
     """Replace a model's BatchNorm layers by Online Normalization, keeping what it learned."""
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
-        layer_options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode)
+        layer_options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode)
         selection = {"include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn}
         options = {**asdict(layer_options), **selection}  # what the report and the checkpoint record
         if not 0.0 <= min_agreement <= 1.0:

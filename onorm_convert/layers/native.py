@@ -53,16 +53,6 @@ _SIGNATURES.update(
 )
 
 
-def supports(x3: Tensor) -> bool:
-    """Whether the kernels can run activations ``x3`` (``(N, C, S)``): CPU, float32/64, any layout.
-
-    Dense, contiguous and channels_last each have a kernel, and other strides are copied to
-    the contiguous layout. Whether the library itself could be built is :func:`library`'s
-    answer, asked once (see :mod:`.ops`).
-    """
-    return x3.device.type == "cpu" and x3.dtype in _TYPES
-
-
 def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit: float):
     """Training forward of activations ``x3`` (``(N, C, S)``): ``(z, mean_last, var_last)``, ``z`` shaped as ``x3``.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .adaptive_alpha import ADAPTIVE, ALPHA_MODES, adapted_alpha
 from .functional import (
     CLAMP,
     CLAMP_MODES,
@@ -21,6 +22,10 @@ from .functional import (
 from .ops import train_step
 
 STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
+ADAPTIVE_BUFFERS = (
+    "alpha_now",
+    "last_shift",
+)  # alpha_mode="adaptive" only: alpha_fwd in use, the last call's mean shift
 
 
 def normalize_ecm(ecm: str | None) -> str:
@@ -40,7 +45,7 @@ class OnlineNormBase(nn.Module):
     ``u_ctrl``/``v_ctrl`` (the backward control accumulators u and v), all kept in
     float32 (or float64) whatever the dtype the module is cast to.
 
-    Two departures from the doc's equations, each off by default here:
+    Three departures from the doc's equations, each off by default here:
 
     - ``control="stable"``: v advances by the implicit form of its recurrence,
       ``v = (v_prev + mean(g y)) / (1 + (1 - alpha_bkw) * mean(y^2))``, instead of
@@ -50,6 +55,9 @@ class OnlineNormBase(nn.Module):
       (``c = clamp_value``), the bound that ``|y| <= c`` implies for the loosest channel, recomputed
       from the parameters at each call (``clamp_bound``); ``"fixed"`` bounds z by ``c`` itself. A
       freshly initialized layer (gamma 1, beta 0) gets ``c`` either way.
+    - ``alpha_mode="adaptive"``: alpha_fwd is state (buffer ``alpha_now``, starting at
+      ``alpha_fwd``) that moves after each training call by the drift the statistics saw
+      (:mod:`.adaptive_alpha`); each call is the doc's equations at the alpha it used.
 
     A training step whose new state would be NaN/Inf (a bad input, or u/v running away until
     they overflow), raises :class:`OnlineNormStateError` naming the layer (``layer_name``,
@@ -68,6 +76,7 @@ class OnlineNormBase(nn.Module):
         ls_eps: the epsilon of layer scaling, ``z / sqrt(mean(z^2) + ls_eps)``.
         control: ``"exact"`` (the doc's v step) or ``"stable"`` (above).
         clamp_mode: ``"fixed"`` (the doc's) or ``"affine"`` (above).
+        alpha_mode: ``"fixed"`` (the doc's) or ``"adaptive"`` (above; ``alpha_fwd`` is then where it starts).
         device, dtype: of the parameters; the state is float32 (float64 for a float64 layer).
     """
 
@@ -85,6 +94,7 @@ class OnlineNormBase(nn.Module):
         ls_eps: float = 1e-5,
         control: str = EXACT,
         clamp_mode: str = FIXED,
+        alpha_mode: str = FIXED,
         device=None,
         dtype=None,
     ) -> None:
@@ -100,6 +110,8 @@ class OnlineNormBase(nn.Module):
             raise ValueError(f"control must be one of {', '.join(CONTROLS)}; got {control!r}")
         if clamp_mode not in CLAMP_MODES:
             raise ValueError(f"clamp_mode must be one of {', '.join(CLAMP_MODES)}; got {clamp_mode!r}")
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"alpha_mode must be one of {', '.join(ALPHA_MODES)}; got {alpha_mode!r}")
         self.num_features = num_features
         self.alpha_fwd = float(alpha_fwd)
         self.alpha_bkw = float(alpha_bkw)
@@ -110,6 +122,7 @@ class OnlineNormBase(nn.Module):
         self.ls_eps = float(ls_eps)
         self.control = control
         self.clamp_mode = clamp_mode
+        self.alpha_mode = alpha_mode
         self.layer_name: str | None = None  # for error messages; convert() sets the module's qualified name
         factory = {"device": device, "dtype": dtype}
         if affine:
@@ -121,6 +134,9 @@ class OnlineNormBase(nn.Module):
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for name in STATE_BUFFERS:
             self.register_buffer(name, torch.zeros(num_features, device=device, dtype=state_dtype))
+        if alpha_mode == ADAPTIVE:
+            self.register_buffer("alpha_now", torch.zeros((), device=device, dtype=state_dtype))
+            self.register_buffer("last_shift", torch.zeros(num_features, device=device, dtype=state_dtype))
         self.reset_running_stats()
 
     @property
@@ -129,17 +145,20 @@ class OnlineNormBase(nn.Module):
         return clamp_limit(self.clamp_value, self.clamp_mode, self.weight, self.bias)
 
     def reset_running_stats(self) -> None:
-        """Fresh stream: mu = 0, var = 1, u = v = 0."""
+        """Fresh stream: mu = 0, var = 1, u = v = 0 (and an adaptive alpha back at ``alpha_fwd``, no last shift)."""
         with torch.no_grad():
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
             self.u_ctrl.zero_()
             self.v_ctrl.zero_()
+            if self.alpha_mode == ADAPTIVE:
+                self.alpha_now.fill_(self.alpha_fwd)
+                self.last_shift.zero_()
 
     def _apply(self, fn, recurse=True):
         # model.half()/bfloat16() must not degrade the streaming statistics.
         super()._apply(fn, recurse)
-        for name in STATE_BUFFERS:
+        for name in STATE_BUFFERS + (ADAPTIVE_BUFFERS if self.alpha_mode == ADAPTIVE else ()):
             buf = getattr(self, name)
             if buf.dtype in (torch.float16, torch.bfloat16):
                 setattr(self, name, buf.float())
@@ -165,15 +184,21 @@ class OnlineNormBase(nn.Module):
         return layer_scale(z, self.ls_eps).to(x.dtype) if self.ecm == LAYER_SCALING else z
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        """Training output before layer scaling; advances the four state buffers (u, v in backward)."""
+        """Training output before layer scaling; advances the state buffers (u, v in backward)."""
         # Layer scaling takes z in the statistics' precision: its mean of squares overflows half precision.
         z_dtype = self.running_mean.dtype if self.ecm == LAYER_SCALING else x.dtype
         name = self.layer_name or f"{type(self).__name__}({self.num_features})"
         clamp_value = self.clamp_value if self.ecm == CLAMP else None
-        state = (self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl)
+        adaptive = self.alpha_mode == ADAPTIVE
+        state = (self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl, self.alpha_now if adaptive else None)
         settings = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp_value, self.clamp_mode, self.control, z_dtype, name)
         z, mean, var, _ = train_step(x, self.weight, self.bias, *state, *settings)
         with torch.no_grad():
+            if adaptive:
+                alpha_next, shift = adapted_alpha(self.alpha_now, self.last_shift, self.running_mean, self.running_var, mean,
+                                                  self.eps, x.shape[0])  # fmt: skip
+                self.alpha_now.copy_(alpha_next)
+                self.last_shift.copy_(shift)
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
         return z
@@ -198,9 +223,10 @@ class OnlineNormBase(nn.Module):
                 f", clamp_mode={self.clamp_mode!r}" if self.clamp_mode != FIXED else ""
             )
         control = f", control={self.control!r}" if self.control != EXACT else ""
+        alpha_mode = f", alpha_mode={self.alpha_mode!r}" if self.alpha_mode == ADAPTIVE else ""
         return (
             f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-            f"eps={self.eps}, affine={self.affine}, {ecm}{control}"
+            f"eps={self.eps}, affine={self.affine}, {ecm}{control}{alpha_mode}"
         )
 
 

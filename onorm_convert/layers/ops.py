@@ -2,24 +2,38 @@
 
 Two functional ops, which ``torch.compile`` and ``torch.export`` trace as single nodes:
 
-- ``onorm::train_forward(x, weight, bias, mean, var, u, v, <settings>) -> (z, mean_new, var_new, before)``;
-- ``onorm::train_backward(grad_z, x, weight, bias, mean, var, u, v, <settings>)
+- ``onorm::train_forward(x, weight, bias, mean, var, u, v, alpha_now, <settings>) -> (z, mean_new, var_new, before)``;
+- ``onorm::train_backward(grad_z, x, weight, bias, mean, var, u, v, alpha_now, <settings>)
   -> (grad_x, grad_weight, grad_bias, u_new, v_new)``, the backward of the first.
+
+``alpha_now`` is an adaptive layer's forward decay (a 0-dim tensor, :mod:`.adaptive_alpha`),
+None for a fixed one, whose ``alpha_fwd`` is among the settings.
 
 The caller writes ``mean_new`` and ``var_new`` into its buffers ``mean``/``var``; the first
 op's autograd formula gives the second ``before`` (a copy of ``mean`` and ``var`` as they
-were, stacked: an op's output, which a compiler cannot replace by the buffer it copies) and
+were, stacked, with an adaptive layer's alpha as a third row: an op's output, which a compiler
+cannot replace by the buffer it copies) and
 writes ``u_new``/``v_new`` into ``u``/``v`` (the buffers it was given) when backward runs.
 Neither op mutates an input.
 A new state that is not finite raises :class:`.functional.OnlineNormStateError` from
 inside the op, before anything is written.
 
-The implementation: the native kernels (:mod:`.native`) for CPU tensors, the scans
-(:mod:`.functional`) everywhere else, as chosen once by the environment variable
-``ONORM_BACKEND``: ``native`` (CPU tensors on the native kernels, an error where they cannot
-be built), ``scans`` (the scans everywhere), ``triton`` (not in this version: an error), or
-unset (the native kernels where they build, else the scans). :func:`set_backend` changes the
-choice in-process, for tests and debugging.
+The implementation, chosen by the backend that the environment variable ``ONORM_BACKEND`` names
+(read once) and :func:`implementation` applies per tensor:
+
+- unset (or ``auto``): CPU tensors on the native kernels (:mod:`.native`) where they build,
+  CUDA tensors on the Triton kernels (:mod:`.triton_kernels`) where triton imports, the
+  scans (:mod:`.functional`) for the rest;
+- ``native``: CPU tensors on the native kernels (an error where they cannot be built), the
+  scans elsewhere;
+- ``triton``: CUDA tensors on the Triton kernels, the scans elsewhere; or, with
+  ``TRITON_INTERPRET=1`` set before first use, CPU tensors instead, on the same kernels run by
+  Triton's interpreter (slow: for testing them without a GPU). An error where triton does
+  not import, or where there is neither a CUDA device nor the interpreter;
+- ``scans``: the scans everywhere.
+
+A choice that cannot run here is a :class:`BackendError`, not a fallback. :func:`set_backend`
+changes the choice in-process, for tests and debugging.
 
 Eager calls skip the dispatcher: :func:`train_step` runs the same implementations through an
 autograd Function (dispatching a Python custom op costs tens of microseconds per step, which
@@ -29,8 +43,11 @@ the dense layer, already bound by per-call overhead, would feel), and calls the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,7 +64,7 @@ from .functional import (
     stat_dtype,
 )  # fmt: skip
 
-NATIVE, SCANS, TRITON = "native", "scans", "triton"
+NATIVE, SCANS, TRITON, AUTO = "native", "scans", "triton", "auto"
 BACKENDS = (NATIVE, SCANS, TRITON)
 
 
@@ -55,41 +72,98 @@ class BackendError(RuntimeError):
     """The implementation ``ONORM_BACKEND`` (or :func:`set_backend`) names is unknown or unavailable here."""
 
 
-_backend: str | None = None  # resolved on first use: choosing "native" may build the kernels (seconds)
+class Implementation(NamedTuple):
+    """One implementation of the training passes, with the contract of :func:`.functional.scan_forward` and
+    :func:`.functional.scan_backward`.
+
+    ``reads_any_float``: it takes activations in their own dtype (half precision too) and
+    computes in the statistics dtype; else they are converted to the statistics dtype first.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    reads_any_float: bool
+
+
+_SCANS = Implementation(SCANS, scan_forward, scan_backward, False)
+_NATIVE = Implementation(NATIVE, native.forward, native.backward, False)
+
+# The backend's name and its implementation per device type (the scans for any other), resolved on
+# first use: choosing "native" may build the kernels (seconds).
+_backend: tuple[str, dict[str, Implementation]] | None = None
 
 
 def backend() -> str:
-    """The implementation in use: ``"native"`` or ``"scans"`` (``ONORM_BACKEND``, read on the first call only)."""
-    return _backend or set_backend(os.environ.get("ONORM_BACKEND") or None)
+    """The backend in use: ``"native"``, ``"scans"``, ``"triton"``, or ``"auto"`` (unset: the best available
+    for each tensor). ``ONORM_BACKEND`` is read on the first call only."""
+    return _resolved()[0]
 
 
 def set_backend(name: str | None) -> str:
-    """Use implementation ``name`` from now on (None: the best available); returns it. :class:`BackendError` if it cannot run here."""
+    """Use backend ``name`` from now on (None: ``"auto"``); returns it. :class:`BackendError` if it cannot run here."""
     global _backend
-    _backend = _available(name)
+    choice = AUTO if name is None else name.strip().lower()
+    _backend = choice, _implementations(choice, name)
+    return choice
+
+
+def implementation(x: Tensor) -> Implementation:
+    """What computes the training passes of activations ``x``: the backend's choice for ``x``'s device, else the scans."""
+    return _resolved()[1].get(x.device.type, _SCANS)
+
+
+def _resolved() -> tuple[str, dict[str, Implementation]]:
+    if _backend is None:
+        set_backend(os.environ.get("ONORM_BACKEND") or None)
     return _backend
 
 
-def _available(name: str | None) -> str:
-    if name is None:
-        return NATIVE if native.library() is not None else SCANS
-    choice = name.strip().lower()
+def _implementations(choice: str, name: str | None) -> dict[str, Implementation]:
+    """Per device type, the implementation backend ``choice`` gives its tensors (``name``: as the user spelled it)."""
+    if choice == AUTO:
+        best = {"cpu": _NATIVE if native.library() is not None else _SCANS}
+        if torch.cuda.is_available():
+            with contextlib.suppress(BackendError):  # no Triton: CUDA tensors take the scans
+                best["cuda"] = _triton().get("cuda", _SCANS)  # interpreted kernels are for CPU tensors
+        return best
     if choice == SCANS:
-        return SCANS
+        return {}
     if choice == NATIVE:
         if native.library() is None:
             reason = "no C++ compiler ($CXX, default g++)" if native.cxx_compiler() is None else "their build failed"
             raise BackendError(f"ONORM_BACKEND=native: the native kernels are unavailable here ({reason}); "
                                "unset ONORM_BACKEND to take the scans")  # fmt: skip
-        return NATIVE
+        return {"cpu": _NATIVE}
     if choice == TRITON:
-        raise BackendError("ONORM_BACKEND=triton: this version has no Triton kernels; use native or scans")
-    raise BackendError(f"ONORM_BACKEND must be one of {', '.join(BACKENDS)}, or unset for the best available; got {name!r}")  # fmt: skip
+        return _triton()
+    raise BackendError(f"ONORM_BACKEND must be one of {', '.join(BACKENDS)} or {AUTO} (the same as unset: the best "
+                       f"available); got {name!r}")  # fmt: skip
 
 
-def use_native(x3: Tensor) -> bool:
-    """Whether activations ``x3`` (``(N, C, S)``) take the native kernels: the backend is native and they support it."""
-    return backend() == NATIVE and native.supports(x3)
+def _triton() -> dict[str, Implementation]:
+    """The Triton kernels, for CUDA tensors (or CPU tensors where Triton's interpreter runs them).
+
+    :class:`BackendError` where they cannot run here. Their module is imported only where they
+    can: its ``@triton.jit`` decorators read ``TRITON_INTERPRET`` once, when it is imported.
+    """
+    unavailable = "ONORM_BACKEND=triton: the Triton kernels cannot run here"
+    try:
+        import triton
+
+        interpreter = triton.knobs.runtime.interpret  # an older Triton has no knobs
+    except (ImportError, AttributeError) as err:
+        raise BackendError(f"{unavailable}: triton does not import, or is too old ({err}); pip install triton") from err
+    if not (torch.cuda.is_available() or interpreter):
+        raise BackendError(f"{unavailable}: no CUDA device, and TRITON_INTERPRET=1 (Triton's interpreter, which "
+                           "runs them on CPU tensors, slowly) is not set; unset ONORM_BACKEND for the CPU kernels")  # fmt: skip
+    from . import triton_kernels
+
+    device = "cpu" if triton_kernels.INTERPRETED else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"{unavailable}: no CUDA device, and the kernels were compiled, not interpreted "
+                           "(TRITON_INTERPRET=1 was set only after their module was imported)")  # fmt: skip
+    return {device: Implementation(TRITON, triton_kernels.forward, triton_kernels.backward, True)}
 
 
 def _without_autocast(function):
@@ -108,12 +182,12 @@ def forward_impl(x, weight, bias, mean, var, alpha_fwd, eps, clamp_value, clamp_
     """``(z, mean_new, var_new, before)``: ``z`` shaped as ``x`` in ``out_dtype``; the new state, and ``(mean, var)``
     stacked, in the statistics dtype."""
     dtype = stat_dtype(x, mean)
-    x3 = as_channels_by_positions(x, dtype)
+    run = implementation(x)
+    x3 = as_channels_by_positions(x, _activations_dtype(run, x, out_dtype, dtype))
     mean, var = mean.to(dtype), var.to(dtype)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    run = native.forward if use_native(x3) else scan_forward
-    z, mean_new, var_new = run(x3, mean, var, gamma, offset, alpha_fwd, eps, limit)
+    z, mean_new, var_new = run.forward(x3, mean, var, gamma, offset, alpha_fwd, eps, limit)
     check_state(name, {"running_mean": mean_new, "running_var": var_new}, forward=True)
     return z.reshape(x.shape).to(out_dtype), mean_new, var_new, torch.stack((mean, var))
 
@@ -126,14 +200,21 @@ def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw
     Without an affine, ``grad_weight``/``grad_bias`` are those of a gamma of ones and a beta of zeros.
     """
     dtype = mean.dtype
-    x3, g3 = as_channels_by_positions(x, dtype), as_channels_by_positions(grad_z, dtype)
+    run = implementation(x)
+    read_as = _activations_dtype(run, x, grad_z.dtype, dtype)  # grad_z: as z, in forward's out_dtype
+    x3, g3 = as_channels_by_positions(x, read_as), as_channels_by_positions(grad_z, read_as)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    run = native.backward if use_native(x3) else scan_backward
     args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha_fwd, alpha_bkw, eps, limit, control == STABLE)
-    grad_x, grad_weight, grad_bias, u_new, v_new = run(g3, x3, *args)
+    grad_x, grad_weight, grad_bias, u_new, v_new = run.backward(g3, x3, *args)
     check_state(name, {"u_ctrl": u_new, "v_ctrl": v_new}, forward=False, control=control)
     return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, u_new, v_new
+
+
+def _activations_dtype(run: Implementation, x: Tensor, out_dtype: torch.dtype, stat: torch.dtype) -> torch.dtype:
+    """The dtype ``run`` reads ``x`` in: its own where ``run`` reads any float and ``z`` is wanted in it (no
+    converted copy), else the statistics dtype ``stat`` (so backward, given ``z``'s gradient, reads what forward read)."""
+    return x.dtype if run.reads_any_float and out_dtype == x.dtype else stat
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,38 +227,68 @@ def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[T
 # ---- The registered ops -------------------------------------------------------------------------
 
 
+def _alpha(alpha_now: Tensor | None, alpha_fwd: float) -> float:
+    """The forward decay a call uses: an adaptive layer's ``alpha_now`` (a 0-dim state tensor) where given, else ``alpha_fwd``.
+
+    Read inside the ops, which tracing does not enter, so that a compiled model follows the
+    layer's state rather than the value it held when traced.
+    """
+    return alpha_fwd if alpha_now is None else float(alpha_now)
+
+
 @torch.library.custom_op("onorm::train_forward", mutates_args=())
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor, v: Tensor,
-    alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None, clamp_mode: str, control: str,
-    out_dtype: torch.dtype, name: str,
+    alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
+    clamp_mode: str, control: str, out_dtype: torch.dtype, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training forward (see the module docstring); ``u``, ``v`` are for its backward."""
-    z, *state = forward_impl(x, weight, bias, mean, var, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype, name)
+    z, *state = _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype,
+                              name)  # fmt: skip
     return _as_promised(z, x), *(_as_promised(t, t) for t in state)
 
 
+def _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, *settings):
+    """:func:`forward_impl` at the call's alpha; an adaptive layer's ``before`` gains a third row, that alpha.
+
+    Backward reads the alpha from there, an output of the op: a compiler may recompute a copy
+    of the layer's ``alpha_now`` in backward from the buffer, which forward has moved on by then.
+    """
+    z, mean_new, var_new, before = forward_impl(x, weight, bias, mean, var, _alpha(alpha_now, alpha_fwd), *settings)
+    if alpha_now is not None:
+        before = torch.cat((before, alpha_now.to(before.dtype).expand(1, before.shape[1])))
+    return z, mean_new, var_new, before
+
+
 @train_forward.register_fake
-def _(x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, out_dtype, name):
+def _(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+      out_dtype, name):  # fmt: skip
     dtype = stat_dtype(x, mean)
     new_state = [mean.new_empty(mean.shape, dtype=dtype) for _ in range(2)]
-    return torch.empty_like(x, dtype=out_dtype), *new_state, mean.new_empty((2, *mean.shape), dtype=dtype)
+    rows = 2 if alpha_now is None else 3
+    return torch.empty_like(x, dtype=out_dtype), *new_state, mean.new_empty((rows, *mean.shape), dtype=dtype)
 
 
 @torch.library.custom_op("onorm::train_backward", mutates_args=())
 def train_backward(
     grad_z: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor,
-    v: Tensor, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None, clamp_mode: str,
-    control: str, name: str,
+    v: Tensor, alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
+    clamp_mode: str, control: str, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training backward: the gradients of ``x``, ``weight``, ``bias`` and the new ``u``, ``v``."""
-    grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value,
-                                  clamp_mode, control, name)  # fmt: skip
+    return _backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value,
+                          clamp_mode, control, name)  # fmt: skip
+
+
+def _backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, *settings):
+    """:func:`backward_impl` at the alpha the forward used, its outputs laid out as the fake op promises."""
+    grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, _alpha(alpha_now, alpha_fwd), *settings)
     return _as_promised(grad_x, x), *(_as_promised(t, t) for t in rest)
 
 
 @train_backward.register_fake
-def _(grad_z, x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, name):
+def _(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+      name):  # fmt: skip
     per_channel = [mean.new_empty(mean.shape) for _ in range(4)]
     return torch.empty_like(x), *per_channel
 
@@ -196,7 +307,9 @@ def _as_promised(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _, _, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, _, name = inputs
+    x, weight, bias, _, _, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, _, name = (
+        inputs
+    )
     ctx.save_for_backward(x, weight, bias, output[3])
     # Not saved tensors: backward reads u, v as they are when it runs (a layer called twice runs
     # its backward twice, each advancing them) and writes them, which saved tensors forbid.
@@ -206,15 +319,17 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_z, *_state_grads, run_backward=train_backward):
     """The gradients of ``train_forward``'s inputs; advances ``u``, ``v`` in place."""
-    x, weight, bias, (mean, var) = ctx.saved_tensors
+    x, weight, bias, before = ctx.saved_tensors
+    mean, var, *alpha_row = before  # the alpha an adaptive layer's forward used (see _forward_impl)
+    alpha_now = alpha_row[0][0] if alpha_row else None
     grad_x, grad_weight, grad_bias, u_new, v_new = run_backward(grad_z, x, weight, bias, mean, var, ctx.u, ctx.v,
-                                                                *ctx.settings)  # fmt: skip
+                                                                alpha_now, *ctx.settings)  # fmt: skip
     with torch.no_grad():
         ctx.u.copy_(u_new)
         ctx.v.copy_(v_new)
     grad_weight = None if weight is None else grad_weight.to(weight.dtype)
     grad_bias = None if bias is None else grad_bias.to(bias.dtype)
-    return grad_x, grad_weight, grad_bias, *(None,) * 12
+    return grad_x, grad_weight, grad_bias, *(None,) * 13
 
 
 train_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -236,8 +351,11 @@ class _EagerStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        x, weight, bias, mean, var, _, _, alpha_fwd, _, eps, clamp_value, clamp_mode, _, out_dtype, name = inputs
-        z, *state = forward_impl(x, weight, bias, mean, var, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype, name)
+        x, weight, bias, mean, var, _, _, alpha_now, alpha_fwd, _, eps, clamp_value, clamp_mode, _, out_dtype, name = (
+            inputs
+        )
+        z, *state = _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode,
+                                  out_dtype, name)  # fmt: skip
         _setup_context(ctx, inputs, (z, *state))
         ctx.mark_non_differentiable(*state)
         # detach(): the same memory without the view relation autograd forbids for a Function's
@@ -247,7 +365,7 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # ON's backward is not a derivative: differentiating it again raises
     def backward(ctx, grad_z, *state_grads):
-        return _backward(ctx, grad_z, *state_grads, run_backward=backward_impl)
+        return _backward(ctx, grad_z, *state_grads, run_backward=_backward_impl)
 
 
 def train_step(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
