@@ -55,7 +55,10 @@ def convert(
     ] = ConvertOptions.clamp_value,
     alpha_fwd: Annotated[
         float,
-        typer.Option("--alpha-fwd", help="Forward (statistics) decay; the doc's 0.999 suits training from scratch."),
+        typer.Option(
+            "--alpha-fwd",
+            help="Forward (statistics) decay, where an adaptive one starts; the doc's 0.999 suits training from scratch.",
+        ),
     ] = ConvertOptions.alpha_fwd,
     alpha_bkw: Annotated[
         float, typer.Option("--alpha-bkw", help="Backward (control) decay; the doc's 0.99 suits training from scratch.")
