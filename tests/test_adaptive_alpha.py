@@ -138,3 +138,21 @@ def test_convert_defaults_to_adaptive_and_the_checkpoint_keeps_the_learned_alpha
 
 def _model():
     return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def test_files_from_before_the_adaptive_alpha_come_back_as_fixed_alpha_layers(tmp_path):
+    """A checkpoint whose layer records lack alpha_mode, and a plain state dict without alpha_now, as older onorm wrote."""
+    converted = convert(_model(), alpha_mode="fixed")
+    path = tmp_path / "old.pt"
+    save_checkpoint(converted, path, arch="test_adaptive_alpha:_model")
+    checkpoint = torch.load(path, weights_only=True)
+    for entry in checkpoint["layers"].values():
+        del entry["config"]["alpha_mode"]
+    torch.save(checkpoint, path)  # the signature covers the code, not the layer records
+    assert load_model(path)[1].alpha_mode == "fixed"
+
+    torch.save(converted.state_dict(), tmp_path / "old_sd.pt")
+    with pytest.warns(UserWarning, match="rebuilt with the defaults"):
+        loaded = load_model(tmp_path / "old_sd.pt", arch="test_adaptive_alpha:_model")
+    assert loaded[1].alpha_mode == "fixed"
+    torch.testing.assert_close(loaded.state_dict(), converted.state_dict())
