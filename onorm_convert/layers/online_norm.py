@@ -22,10 +22,8 @@ from .functional import (
 from .ops import train_step
 
 STATE_BUFFERS = ("running_mean", "running_var", "u_ctrl", "v_ctrl")
-ADAPTIVE_BUFFERS = (
-    "alpha_now",
-    "last_shift",
-)  # alpha_mode="adaptive" only: alpha_fwd in use, the last call's mean shift
+# alpha_mode="adaptive" only: the alpha_fwd in use, and the last call's shift of the mean.
+ADAPTIVE_BUFFERS = ("alpha_now", "last_shift")
 
 
 def normalize_ecm(ecm: str | None) -> str:
