@@ -268,6 +268,23 @@ def _z_before_clamp(x, center, scale, offset, dtype: tl.constexpr):
 
 
 @triton.jit
+def _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in):
+    """:func:`_z_before_clamp`'s ``(center, scale, offset)`` for channels ``cols`` as ``[BLOCK_C, 1]`` columns;
+    ``at``: where one sample's per-(sample, channel) values of those channels are."""
+    center = tl.load(center_ptr + at, mask=channel_in)[:, None]
+    scale = tl.load(scale_ptr + at, mask=channel_in)[:, None]
+    offset = tl.load(offset_ptr + cols, mask=channel_in)[:, None]
+    return center, scale, offset
+
+
+@triton.jit
+def _through_clamp(g, z, limit):
+    """``gz``: the gradient ``g`` where the clamp let ``z`` through, else 0 (also where ``z`` is NaN, as the
+    scans' ``abs(z) <= limit``)."""
+    return tl.where(tl.abs(z) <= limit, g, 0.0)
+
+
+@triton.jit
 def _normalize_kernel(x_ptr, z_ptr, center_ptr, scale_ptr, offset_ptr, C, S, sxn, sxc, sxs, szn, szc, szs,
                       limit: tl.float64, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """``z = clamp((x - center) * scale + beta)``, stored in ``z_ptr``'s dtype."""
@@ -276,9 +293,7 @@ def _normalize_kernel(x_ptr, z_ptr, center_ptr, scale_ptr, offset_ptr, C, S, sxn
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_in = cols < C
     at = n.to(tl.int64) * C + cols
-    center = tl.load(center_ptr + at, mask=channel_in)[:, None]
-    scale = tl.load(scale_ptr + at, mask=channel_in)[:, None]
-    offset = tl.load(offset_ptr + cols, mask=channel_in)[:, None]
+    center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     lim = _splat(limit, dtype)
     for s0 in range(0, S, BLOCK_S):
         x_at, pos_in = _tile_offsets(n, cols, s0, S, sxn, sxc, sxs, BLOCK_S)
@@ -299,9 +314,7 @@ def _grad_sums_kernel(g_ptr, x_ptr, center_ptr, scale_ptr, offset_ptr, sum_gz_pt
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_in = cols < C
     at = n.to(tl.int64) * C + cols
-    center = tl.load(center_ptr + at, mask=channel_in)[:, None]
-    scale = tl.load(scale_ptr + at, mask=channel_in)[:, None]
-    offset = tl.load(offset_ptr + cols, mask=channel_in)[:, None]
+    center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     lim = _splat(limit, dtype)
     sum_gz = tl.zeros([BLOCK_C], dtype)
     sum_gz_xc = tl.zeros([BLOCK_C], dtype)
@@ -311,7 +324,7 @@ def _grad_sums_kernel(g_ptr, x_ptr, center_ptr, scale_ptr, offset_ptr, sum_gz_pt
         inside = channel_in[:, None] & pos_in[None, :]
         xc, z = _z_before_clamp(tl.load(x_ptr + x_at, mask=inside), center, scale, offset, dtype)
         g = tl.load(g_ptr + g_at, mask=inside, other=0.0).to(dtype)
-        gz = tl.where(tl.abs(z) <= lim, g, 0.0)
+        gz = _through_clamp(g, z, lim)
         sum_gz = sum_gz + tl.sum(gz, axis=1)
         sum_gz_xc = sum_gz_xc + tl.sum(gz * xc, axis=1)
     tl.store(sum_gz_ptr + at, sum_gz, mask=channel_in)
@@ -329,9 +342,7 @@ def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, center_ptr, scale_ptr, offset_ptr, 
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_in = cols < C
     at = n.to(tl.int64) * C + cols
-    center = tl.load(center_ptr + at, mask=channel_in)[:, None]
-    scale = tl.load(scale_ptr + at, mask=channel_in)[:, None]
-    offset = tl.load(offset_ptr + cols, mask=channel_in)[:, None]
+    center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     xc_coef = tl.load(xc_coef_ptr + at, mask=channel_in)[:, None]
     const = tl.load(const_ptr + at, mask=channel_in)[:, None]
     lim = _splat(limit, dtype)
@@ -341,7 +352,7 @@ def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, center_ptr, scale_ptr, offset_ptr, 
         dx_at, _ = _tile_offsets(n, cols, s0, S, sdn, sdc, sds, BLOCK_S)
         inside = channel_in[:, None] & pos_in[None, :]
         xc, z = _z_before_clamp(tl.load(x_ptr + x_at, mask=inside), center, scale, offset, dtype)
-        gz = tl.where(tl.abs(z) <= lim, tl.load(g_ptr + g_at, mask=inside).to(dtype), 0.0)
+        gz = _through_clamp(tl.load(g_ptr + g_at, mask=inside).to(dtype), z, lim)
         dx = gz * scale + xc * xc_coef + const
         tl.store(dx_ptr + dx_at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
@@ -500,7 +511,7 @@ def _dense_backward_kernel(g_ptr, x_ptr, dx_ptr, mean0_ptr, var0_ptr, gamma_ptr,
         g = _state(g_ptr, t * sgn + cols * sgc, channel_in)
         d, inv_k, drift, var = _forward_step(x, 0.0, m0, drift, var, a, b, ab, e)
         y = d * inv_k
-        gz = tl.where(tl.abs(_dense_z(y, gamma, offset, dtype)) <= lim, g, 0.0)  # none where forward's clamp cut
+        gz = _through_clamp(g, _dense_z(y, gamma, offset, dtype), lim)  # none where forward's clamp cut
         grad_weight = grad_weight + gz * y
         grad_bias = grad_bias + gz
         dx = (gz * gamma - cb * v * y) * inv_k - cb * u
