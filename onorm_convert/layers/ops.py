@@ -177,24 +177,38 @@ def _without_autocast(function):
     return run
 
 
+def _alpha(alpha_now: Tensor | None, alpha_fwd: float) -> float:
+    """The forward decay a call uses: an adaptive layer's ``alpha_now`` (a 0-dim state tensor) where given, else ``alpha_fwd``.
+
+    Read inside the ops, which tracing does not enter, so that a compiled model follows the
+    layer's state rather than the value it held when traced.
+    """
+    return alpha_fwd if alpha_now is None else float(alpha_now)
+
+
 @_without_autocast
-def forward_impl(x, weight, bias, mean, var, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype, name):
+def forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype, name):
     """``(z, mean_new, var_new, before)``: ``z`` shaped as ``x`` in ``out_dtype``; the new state, and ``(mean, var)``
-    stacked, in the statistics dtype."""
+    stacked, in the statistics dtype, with an adaptive layer's ``alpha_now`` as a third row.
+
+    Backward reads the alpha from there, an output of the op: a compiler may recompute a copy
+    of the layer's ``alpha_now`` in backward from the buffer, which forward has moved on by then.
+    """
     dtype = stat_dtype(x, mean)
     run = implementation(x)
     x3 = as_channels_by_positions(x, _activations_dtype(run, x, out_dtype, dtype))
     mean, var = mean.to(dtype), var.to(dtype)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    z, mean_new, var_new = run.forward(x3, mean, var, gamma, offset, alpha_fwd, eps, limit)
+    z, mean_new, var_new = run.forward(x3, mean, var, gamma, offset, _alpha(alpha_now, alpha_fwd), eps, limit)
     check_state(name, {"running_mean": mean_new, "running_var": var_new}, forward=True)
-    return z.reshape(x.shape).to(out_dtype), mean_new, var_new, torch.stack((mean, var))
+    before = (mean, var) if alpha_now is None else (mean, var, alpha_now.to(dtype).expand(mean.shape))
+    return z.reshape(x.shape).to(out_dtype), mean_new, var_new, torch.stack(before)
 
 
 @_without_autocast
-def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode,
-                  control, name):  # fmt: skip
+def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value,
+                  clamp_mode, control, name):  # fmt: skip
     """``(grad_x, grad_weight, grad_bias, u_new, v_new)``: ``grad_x`` as ``x``, the rest in the statistics dtype.
 
     Without an affine, ``grad_weight``/``grad_bias`` are those of a gamma of ones and a beta of zeros.
@@ -205,7 +219,8 @@ def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_fwd, alpha_bkw
     x3, g3 = as_channels_by_positions(x, read_as), as_channels_by_positions(grad_z, read_as)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha_fwd, alpha_bkw, eps, limit, control == STABLE)
+    alpha = _alpha(alpha_now, alpha_fwd)
+    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha, alpha_bkw, eps, limit, control == STABLE)
     grad_x, grad_weight, grad_bias, u_new, v_new = run.backward(g3, x3, *args)
     check_state(name, {"u_ctrl": u_new, "v_ctrl": v_new}, forward=False, control=control)
     return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, u_new, v_new
@@ -227,15 +242,6 @@ def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[T
 # ---- The registered ops -------------------------------------------------------------------------
 
 
-def _alpha(alpha_now: Tensor | None, alpha_fwd: float) -> float:
-    """The forward decay a call uses: an adaptive layer's ``alpha_now`` (a 0-dim state tensor) where given, else ``alpha_fwd``.
-
-    Read inside the ops, which tracing does not enter, so that a compiled model follows the
-    layer's state rather than the value it held when traced.
-    """
-    return alpha_fwd if alpha_now is None else float(alpha_now)
-
-
 @torch.library.custom_op("onorm::train_forward", mutates_args=())
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor, v: Tensor,
@@ -243,21 +249,9 @@ def train_forward(
     clamp_mode: str, control: str, out_dtype: torch.dtype, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training forward (see the module docstring); ``u``, ``v`` are for its backward."""
-    z, *state = _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype,
-                              name)  # fmt: skip
+    z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype,
+                             name)  # fmt: skip
     return _as_promised(z, x), *(_as_promised(t, t) for t in state)
-
-
-def _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, *settings):
-    """:func:`forward_impl` at the call's alpha; an adaptive layer's ``before`` gains a third row, that alpha.
-
-    Backward reads the alpha from there, an output of the op: a compiler may recompute a copy
-    of the layer's ``alpha_now`` in backward from the buffer, which forward has moved on by then.
-    """
-    z, mean_new, var_new, before = forward_impl(x, weight, bias, mean, var, _alpha(alpha_now, alpha_fwd), *settings)
-    if alpha_now is not None:
-        before = torch.cat((before, alpha_now.to(before.dtype).expand(1, before.shape[1])))
-    return z, mean_new, var_new, before
 
 
 @train_forward.register_fake
@@ -276,13 +270,8 @@ def train_backward(
     clamp_mode: str, control: str, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training backward: the gradients of ``x``, ``weight``, ``bias`` and the new ``u``, ``v``."""
-    return _backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value,
-                          clamp_mode, control, name)  # fmt: skip
-
-
-def _backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, *settings):
-    """:func:`backward_impl` at the alpha the forward used, its outputs laid out as the fake op promises."""
-    grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, _alpha(alpha_now, alpha_fwd), *settings)
+    grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps,
+                                  clamp_value, clamp_mode, control, name)  # fmt: skip
     return _as_promised(grad_x, x), *(_as_promised(t, t) for t in rest)
 
 
@@ -320,7 +309,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_z, *_state_grads, run_backward=train_backward):
     """The gradients of ``train_forward``'s inputs; advances ``u``, ``v`` in place."""
     x, weight, bias, before = ctx.saved_tensors
-    mean, var, *alpha_row = before  # the alpha an adaptive layer's forward used (see _forward_impl)
+    mean, var, *alpha_row = before  # the alpha an adaptive layer's forward used (see forward_impl)
     alpha_now = alpha_row[0][0] if alpha_row else None
     grad_x, grad_weight, grad_bias, u_new, v_new = run_backward(grad_z, x, weight, bias, mean, var, ctx.u, ctx.v,
                                                                 alpha_now, *ctx.settings)  # fmt: skip
@@ -354,8 +343,8 @@ class _EagerStep(torch.autograd.Function):
         x, weight, bias, mean, var, _, _, alpha_now, alpha_fwd, _, eps, clamp_value, clamp_mode, _, out_dtype, name = (
             inputs
         )
-        z, *state = _forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode,
-                                  out_dtype, name)  # fmt: skip
+        z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode,
+                                 out_dtype, name)  # fmt: skip
         _setup_context(ctx, inputs, (z, *state))
         ctx.mark_non_differentiable(*state)
         # detach(): the same memory without the view relation autograd forbids for a Function's
@@ -365,7 +354,7 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # ON's backward is not a derivative: differentiating it again raises
     def backward(ctx, grad_z, *state_grads):
-        return _backward(ctx, grad_z, *state_grads, run_backward=_backward_impl)
+        return _backward(ctx, grad_z, *state_grads, run_backward=backward_impl)
 
 
 def train_step(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
