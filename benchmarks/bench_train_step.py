@@ -51,14 +51,19 @@ COMPILED_TARGET = 1.10  # compiled ON over compiled BN, both models
 COMPILE_TIME_TARGET = 1.5  # ON's first compile over BN's
 
 
-def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:
-    """torchvision's ResNet-18 layout: 7x7 stem, max-pool, four stages of two basic blocks."""
-    layers: list[nn.Module] = [
+def imagenet_stem(width: int) -> list[nn.Module]:
+    """torchvision's ResNet stem: 7x7 conv (stride 2), BatchNorm, ReLU, 3x3 max-pool (stride 2)."""
+    return [
         nn.Conv2d(3, width, 7, 2, 3, bias=False),
         nn.BatchNorm2d(width),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, 1),
     ]
+
+
+def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:
+    """torchvision's ResNet-18 layout: 7x7 stem, max-pool, four stages of two basic blocks."""
+    layers = imagenet_stem(width)
     in_channels = width
     for stage, stride in enumerate((1, 2, 2, 2)):
         channels = width * 2**stage
@@ -92,12 +97,7 @@ class Bottleneck(nn.Module):
 
 def resnet50(num_classes: int = 1000, width: int = 64) -> nn.Module:
     """torchvision's ResNet-50 layout: 7x7 stem, max-pool, stages of 3, 4, 6 and 3 bottleneck blocks."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, width, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
-    ]
+    layers = imagenet_stem(width)
     in_channels = width
     for stage, blocks in enumerate((3, 4, 6, 3)):
         channels = width * 2**stage

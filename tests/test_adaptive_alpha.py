@@ -118,7 +118,7 @@ def test_eval_mode_and_a_fixed_layer_leave_alpha_alone():
 
 
 def test_convert_defaults_to_adaptive_and_the_checkpoint_keeps_the_learned_alpha(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model = _model()
     assert convert(model)[1].alpha_mode == "adaptive"
     converted = convert(model, alpha_fwd=START).train()
     norm = converted[1]
@@ -137,6 +137,7 @@ def test_convert_defaults_to_adaptive_and_the_checkpoint_keeps_the_learned_alpha
 
 
 def _model():
+    """The arch the checkpoint tests name (``test_adaptive_alpha:_model``): a conv, a BatchNorm, a ReLU."""
     return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
 
 
