@@ -125,6 +125,7 @@ def convert(
     control: str = ConvertOptions.control,
     clamp_mode: str = ConvertOptions.clamp_mode,
     alpha_mode: str = ConvertOptions.alpha_mode,
+    projection: str = ConvertOptions.projection,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
@@ -145,6 +146,9 @@ def convert(
         clamp_mode: ``"affine"`` (keeps a trained model's outputs) or ``"fixed"`` (the doc's).
         alpha_mode: ``"adaptive"`` (each layer's alpha_fwd, starting at ``alpha_fwd``, follows the drift
             its statistics see; :mod:`onorm_convert.layers.adaptive_alpha`) or ``"fixed"`` (the doc's).
+        projection: ``"batch"`` (in a batch of two samples or more, backward also removes the input
+            gradient's components that BatchNorm's gradient removes within the batch) or ``"none"``
+            (the doc's).
         include, exclude: glob patterns over qualified module names; a shared module matches
             through any of its names.
         inplace: convert ``model`` itself. Its Parameter objects are kept, so an optimizer built
@@ -159,7 +163,7 @@ def convert(
     for a model that cannot be converted (lazy or damaged BatchNorms). Each layer left alone
     is a :class:`ConversionWarning`; :func:`convert_with_report` also returns what was done.
     """
-    options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode)
+    options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode, projection)
     return convert_with_report(
         model,
         options,

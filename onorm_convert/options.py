@@ -11,7 +11,7 @@ from types import MappingProxyType
 from .errors import OptionError
 from .layers import OnlineNormBase, normalize_ecm
 from .layers.adaptive_alpha import ALPHA_MODES
-from .layers.functional import CONTROLS, ECMS
+from .layers.functional import CONTROLS, ECMS, PROJECTIONS
 from .layers.online_norm import CLAMP_MODES
 
 Tolerance = float | Mapping[str, float]  # one for all outputs, or per output label (with "*" as the default)
@@ -36,6 +36,9 @@ class ConvertOptions:
     # OnlineNormBase's alpha_mode: "adaptive" (alpha_fwd is where each layer's starts: no fixed memory suits both a
     # fast SGD recipe and a slow AdamW one) or "fixed" (the doc's).
     alpha_mode: str = "adaptive"
+    # OnlineNormBase's projection: "batch" (in a batch of 2+, backward removes what BatchNorm's gradient removes within
+    # the batch: at SGD lr 0.1 the controls alone let the weights' norms run up, docs/finetune.md) or "none" (the doc's).
+    projection: str = "batch"
 
     def __post_init__(self) -> None:
         try:  # one spelling of each ECM ("layer-scaling" and None are accepted)
@@ -51,7 +54,8 @@ class ConvertOptions:
         if not self.clamp_value > 0:
             raise OptionError("clamp_value", self.clamp_value, "must be positive, e.g. 5")
         for name, allowed in (
-            ("ecm", ECMS), ("control", CONTROLS), ("clamp_mode", CLAMP_MODES), ("alpha_mode", ALPHA_MODES)
+            ("ecm", ECMS), ("control", CONTROLS), ("clamp_mode", CLAMP_MODES), ("alpha_mode", ALPHA_MODES),
+            ("projection", PROJECTIONS),
         ):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise OptionError(name, getattr(self, name), f"must be one of {', '.join(allowed)}")

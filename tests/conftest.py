@@ -102,7 +102,7 @@ def reference_of(layer, dtype=torch.float64) -> ReferenceOnlineNorm:
     return ReferenceOnlineNorm(
         cast(layer.running_mean), cast(layer.running_var), cast(layer.u_ctrl), cast(layer.v_ctrl),
         cast(layer.weight), cast(layer.bias), layer.alpha_fwd, layer.alpha_bkw, layer.eps,
-        layer.ecm, layer.clamp_value, layer.ls_eps,
+        layer.ecm, layer.clamp_value, layer.ls_eps, layer.control, layer.projection,
     )  # fmt: skip
 
 

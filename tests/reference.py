@@ -5,7 +5,10 @@ One Python loop over the samples of the batch, one statement per equation of
 
 ``control="stable"`` replaces the doc's v step by its implicit (backward Euler) form,
 ``v_t = (v_{t-1} + mean(g_t * y_t)) / (1 + (1 - a_b) * mean(y_t^2))``, written here from that
-equation; everything else is the doc's.
+equation. ``projection="batch"`` gives a batch of two samples or more the input gradient
+``g_t / k_t`` (the statistics held constant, no controls) less, per channel over the batch's
+values, its least-squares fit on the constant and on ``x - mean(x)`` (``eps`` added to the
+variance: BatchNorm's projection); u and v advance as the doc says. Everything else is the doc's.
 """
 
 from __future__ import annotations
@@ -17,20 +20,21 @@ class ReferenceOnlineNorm:
     """Per-sample ON state machine for one layer; all tensors per channel, shape (C,)."""
 
     def __init__(
-        self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps, control="exact"
-    ):
+        self, mean, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ecm, clamp_value, ls_eps, control="exact",
+        projection="none",
+    ):  # fmt: skip
         self.mu, self.var, self.u, self.v = mean.clone(), var.clone(), u.clone(), v.clone()
         self.weight, self.bias = weight, bias
         self.a_f, self.a_b, self.eps = alpha_fwd, alpha_bkw, eps
         self.ecm, self.c, self.ls_eps = ecm, clamp_value, ls_eps
-        self.control = control
+        self.control, self.projection = control, projection
         # Not part of the math: how much the exact v recurrence can amplify a rounding error so far, the
         # product over samples of max(1, |decay|) with decay = 1 - (1 - a_b) * mean(y^2), per channel.
         self.amplification = torch.ones_like(self.v)
 
     def forward(self, x):
         """Training forward on a batch (N, C, *spatial); returns the normalized y (N, C, *spatial)."""
-        ys, self.ks = [], []
+        ys, self.ks, self.x = [], [], x
         for x_t in x:  # the stream, in index order
             flat = x_t.reshape(x_t.shape[0], -1)  # (C, positions)
             m_t = flat.mean(dim=1)
@@ -61,7 +65,20 @@ class ReferenceOnlineNorm:
             dx_t = h_t - (1 - self.a_b) * self.u[:, None]
             self.u = self.u + dx_t.mean(dim=1)
             grads.append(dx_t.reshape(g_t.shape))
+        if self.projection == "batch" and len(grads) > 1:
+            return self.projected(grad_y)
         return torch.stack(grads)
+
+    def projected(self, grad_y):
+        """``projection="batch"``: dL/dx for a batch of two or more, channel by channel."""
+        plain = torch.stack([g_t / k_t.reshape(-1, *[1] * (g_t.ndim - 1)) for g_t, k_t in zip(grad_y, self.ks)])
+        grad_x = torch.empty_like(plain)
+        for c in range(plain.shape[1]):
+            g_c, x_c = plain[:, c].reshape(-1), self.x[:, c].reshape(-1)
+            xc = x_c - x_c.mean()
+            fit = g_c.mean() + xc * (g_c * xc).mean() / ((xc * xc).mean() + self.eps)
+            grad_x[:, c] = (g_c - fit).reshape(grad_x[:, c].shape)
+        return grad_x
 
     def affine_ecm(self, y):
         """z = gamma * y + beta, then the ECM; differentiable with ordinary autograd."""

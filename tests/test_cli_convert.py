@@ -247,6 +247,10 @@ BAD_FLAGS = {
         ["--arch", "sample_models.models:digits_mlp", "--alpha-mode", "auto"],
         "--alpha-mode 'auto': must be one of fixed, adaptive",
     ),
+    "projection": (
+        ["--arch", "sample_models.models:digits_mlp", "--projection", "sample"],
+        "--projection 'sample': must be one of none, batch",
+    ),
 }
 
 

@@ -3,7 +3,10 @@
 - ``control="stable"``: v advances by ``v = (v_prev + mean(g y)) / (1 + (1 - a_b) mean(y^2))``
   (``tests/reference.py`` writes that equation in its per-sample loop);
 - ``clamp_mode="affine"``: the clamp bounds z by ``max(|beta| + c |gamma|)``, computed here from
-  the parameters and given to the reference as its clamp value.
+  the parameters and given to the reference as its clamp value;
+- ``projection="batch"``: in a batch of two samples or more, backward then takes from each
+  channel's input gradient its fit on the constant and the centred input within the batch
+  (the reference fits it channel by channel after its per-sample loop).
 
 Both paths (native kernels and scans), several steps so that state carries over, float64.
 """
@@ -43,11 +46,11 @@ def _layer(cls, channels, var_range=(0.5, 2.0), **options):
     return layer
 
 
-def _reference(layer, clamp_value, control):
+def _reference(layer, clamp_value, control, projection="none"):
     state = [getattr(layer, name).detach().clone() for name in ("running_mean", "running_var", "u_ctrl", "v_ctrl")]
     params = [layer.weight.detach().clone(), layer.bias.detach().clone()]
     return ReferenceOnlineNorm(
-        *state, *params, ALPHA_FWD, ALPHA_BKW, layer.eps, layer.ecm, clamp_value, layer.ls_eps, control
+        *state, *params, ALPHA_FWD, ALPHA_BKW, layer.eps, layer.ecm, clamp_value, layer.ls_eps, control, projection
     )
 
 
@@ -96,6 +99,37 @@ def test_affine_clamp_matches_the_reference_with_the_bound_from_beta_and_gamma(p
     assert beyond_fixed > 0  # outputs the doc's fixed clamp (1.5) would have cut
 
 
+@pytest.mark.parametrize("batch", [1, 2, 37])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_projection_matches_its_per_sample_reference(path, kind, batch):
+    torch.manual_seed(batch + 3 * len(kind))
+    cls, sample_shape, memory_format = KINDS[kind]
+    layer = _layer(cls, sample_shape[0], control="stable", projection="batch")
+    projected = _reference(layer, layer.clamp_bound, "stable", "batch")
+    plain = _reference(layer, layer.clamp_bound, "stable")
+    for step in range(3):
+        x, grad = _batch((batch, *sample_shape), memory_format)
+        with native_kernels(path == "native"):
+            actual = layer_step(layer, x, grad)
+        expected, doc = reference_step(projected, x, grad), reference_step(plain, x, grad)
+        assert_matches(actual, expected, rtol=1e-10, context=f"{path} {kind} step {step}")
+        # The forward, the parameters' gradients and the control state are the doc's; only grad_x differs, and only
+        # in a batch of two or more, where no component along the constant or the centred input is left.
+        assert_matches({k: v for k, v in actual.items() if k != "grad_x"}, {k: v for k, v in doc.items() if k != "grad_x"},
+                       rtol=1e-10, context=f"{path} {kind} step {step}")  # fmt: skip
+        channel_values = (0, *range(2, x.ndim))
+        if batch == 1:
+            torch.testing.assert_close(actual["grad_x"], doc["grad_x"], rtol=1e-10, atol=0)
+        else:
+            xc = x - x.mean(channel_values, keepdim=True)
+            scale = doc["grad_x"].abs().max() * x.numel()
+            assert actual["grad_x"].sum(channel_values).abs().max() < 1e-10 * scale
+            # Not quite 0 along xc: the fit divides by the variance + eps, as BatchNorm's does.
+            assert (actual["grad_x"] * xc).sum(channel_values).abs().max() < 1e-4 * scale * xc.abs().max()
+            assert not torch.allclose(actual["grad_x"], doc["grad_x"], rtol=1e-3)
+
+
 def test_affine_clamp_of_a_fresh_layer_is_the_fixed_clamp():
     layer = OnlineNorm2d(3, clamp_value=2.5, clamp_mode="affine")
     assert layer.clamp_bound == 2.5
@@ -110,6 +144,8 @@ def test_unknown_modes_are_refused():
         OnlineNorm1d(3, control="implicit")
     with pytest.raises(ValueError, match="clamp_mode must be one of fixed, affine"):
         OnlineNorm1d(3, clamp_mode="per-channel")
+    with pytest.raises(ValueError, match="projection must be one of none, batch"):
+        OnlineNorm1d(3, projection="sample")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

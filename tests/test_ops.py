@@ -17,11 +17,13 @@ from onorm_convert.layers import STATE_BUFFERS, native, ops
 from conftest import native_kernels
 
 BACKENDS = ["native", "scan"]
-SETTINGS = {  # alpha_now (an adaptive layer's alpha, else None), alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control
-    "clamp": (None, 0.9, 0.8, 1e-5, 1.5, "fixed", "exact"),
-    "affine-clamp-stable": (None, 0.9, 0.8, 1e-5, 0.7, "affine", "stable"),
-    "no-clamp": (None, 0.5, 0.8, 1e-3, None, "fixed", "exact"),
-    "adaptive-alpha": (0.95, 0.9, 0.8, 1e-5, 1.5, "affine", "stable"),
+SETTINGS = {  # alpha_now (an adaptive layer's, else None), alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+    # projection
+    "clamp": (None, 0.9, 0.8, 1e-5, 1.5, "fixed", "exact", "none"),
+    "affine-clamp-stable": (None, 0.9, 0.8, 1e-5, 0.7, "affine", "stable", "none"),
+    "no-clamp": (None, 0.5, 0.8, 1e-3, None, "fixed", "exact", "none"),
+    "adaptive-alpha": (0.95, 0.9, 0.8, 1e-5, 1.5, "affine", "stable", "none"),
+    "convert-defaults": (0.99, 0.99, 0.9, 1e-5, 5.0, "affine", "stable", "batch"),
 }
 CASES = {  # activations' shape, memory format, dtype, affine
     "dense": ((6, 4), torch.contiguous_format, torch.float32, True),
@@ -34,7 +36,7 @@ CASES = {  # activations' shape, memory format, dtype, affine
 def _forward_args(case, settings, alpha_bkw=None):
     """Arguments of ``onorm::train_forward`` for one case: x and weight requiring grad, a used state."""
     shape, memory_format, dtype, affine = CASES[case]
-    alpha_now, alpha_fwd, default_bkw, eps, clamp_value, clamp_mode, control = SETTINGS[settings]
+    alpha_now, alpha_fwd, default_bkw, eps, clamp_value, clamp_mode, control, projection = SETTINGS[settings]
     channels = shape[1]
     x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format).requires_grad_(True)
     weight, bias = (torch.randn(channels, dtype=dtype).requires_grad_(True) for _ in range(2))
@@ -43,8 +45,8 @@ def _forward_args(case, settings, alpha_bkw=None):
     params = (weight, bias) if affine else (None, None)
     alpha_bkw = default_bkw if alpha_bkw is None else alpha_bkw
     alpha_now = None if alpha_now is None else torch.tensor(alpha_now, dtype=dtype)
-    return (x, *params, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, dtype,
-            "layer")  # fmt: skip
+    return (x, *params, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+            projection, dtype, "layer")  # fmt: skip
 
 
 @pytest.mark.parametrize("settings", list(SETTINGS))

@@ -75,10 +75,8 @@ def _layer(shape, dtype=torch.float32, **settings):
 
 
 def _reference(layer):
-    """The per-sample reference (float64, CPU) of ``layer``, its control included."""
-    reference = reference_of(copy.deepcopy(layer).cpu())
-    reference.control = layer.control
-    return reference
+    """The per-sample reference (float64, CPU) of ``layer``, its settings included."""
+    return reference_of(copy.deepcopy(layer).cpu())
 
 
 def _batch(shape, dtype, channels_last=False):
@@ -112,6 +110,9 @@ CASES = {  # shape, channels_last, layer settings
     "3d-channels-last": ((3, 2, 2, 3, 3), True, {}),
     "no-clamp": ((4, 3, 3, 3), True, {"ecm": "none"}),  # limit = inf
     "plain": ((4, 3, 5), False, {"affine": False}),
+    "dense-projected": ((12, 5), False, {"projection": "batch"}),
+    "2d-projected": ((5, 3, 4, 4), False, {"control": "stable", "projection": "batch"}),
+    "2d-channels-last-projected": ((5, 3, 4, 4), True, {"projection": "batch"}),
 }
 
 
@@ -274,7 +275,15 @@ def test_the_registered_ops_pass_opcheck_on_the_triton_kernels(shape, dtype, mem
     weight, bias = (torch.randn(channels, device=DEVICE) for _ in range(2))
     mean, u, v = (torch.randn(channels, device=DEVICE) * 0.1 for _ in range(3))
     var = torch.rand(channels, device=DEVICE) + 0.5
-    settings = (0.9, 1.0, 1e-5, 1.5, "fixed", "exact")  # alpha_bkw = 1: repeated backwards agree (see test_ops)
+    settings = (
+        0.9,
+        1.0,
+        1e-5,
+        1.5,
+        "fixed",
+        "exact",
+        "batch",
+    )  # alpha_bkw = 1: repeated backwards agree (see test_ops)
     alpha_now = torch.tensor(0.95, device=DEVICE)  # an adaptive layer's
     forward_args = (x.requires_grad_(True), weight.requires_grad_(True), bias, mean, var, u, v, alpha_now, *settings,
                     dtype, "l")  # fmt: skip

@@ -77,6 +77,13 @@ def convert(
             help="adaptive: each layer's forward decay starts at --alpha-fwd and follows the drift it sees; fixed: the doc's.",
         ),
     ] = ConvertOptions.alpha_mode,
+    projection: Annotated[
+        str,
+        typer.Option(
+            "--projection",
+            help="batch: in a batch of 2+ samples, backward also removes what BatchNorm's gradient removes; none: the doc's.",
+        ),
+    ] = ConvertOptions.projection,
     include: Annotated[
         list[str] | None,
         typer.Option(
@@ -112,7 +119,9 @@ def convert(
     """Replace a model's BatchNorm layers by Online Normalization, keeping what it learned."""
 
     def body(console: Console) -> tuple[int, dict[str, Any]]:
-        layer_options = ConvertOptions(ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode)
+        layer_options = ConvertOptions(
+            ecm, clamp_value, alpha_fwd, alpha_bkw, control, clamp_mode, alpha_mode, projection
+        )
         selection = {"include": list(include or []), "exclude": list(exclude or []), "frozen_bn": frozen_bn}
         options = {**asdict(layer_options), **selection}  # what the report and the checkpoint record
         if not 0.0 <= min_agreement <= 1.0:

@@ -33,6 +33,10 @@ CONTROLS = (EXACT, STABLE)
 # How the clamp bounds z: by the doc's fixed clamp_value, or by the bound it implies through the affine (clamp_limit).
 FIXED, AFFINE = "fixed", "affine"
 CLAMP_MODES = (FIXED, AFFINE)
+# The input gradient of a batch of two samples or more: the doc's (the controls'), or BatchNorm's projection within
+# the batch of the gradient with the statistics held constant (batch_projection). A batch of one gets the doc's.
+BATCH = "batch"
+PROJECTIONS = (NONE, BATCH)
 
 
 class OnlineNormStateError(RuntimeError):
@@ -88,12 +92,14 @@ def scan_forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, l
     return z, mean_last, var_last
 
 
-def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False):
+def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False,
+                  project: bool = False):  # fmt: skip
     """Training backward of ``(N, C, S)`` activations by the scans: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
 
     The contract of :func:`.native.backward`: the per-sample statistics are recomputed from ``x3``
     and the state before the batch, as the forward computed them, so nothing of them is kept
-    between the passes.
+    between the passes. ``project`` (``projection="batch"``): ``grad_x`` of two samples or more
+    by :func:`batch_projection`; u, v advance as the doc's either way.
     """
     drift_prev, _, _, inv_k, d, s = _sample_statistics(x3, mean0, var0, alpha_fwd, eps)
     z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
@@ -101,9 +107,45 @@ def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_b
     control = STABLE if stable else EXACT
     stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2], control)
     grad_weight, grad_bias, u_last, v_last, xc_coef, const = stats
+    if project and len(x3) > 1:  # the means as their drift from mean0, as everything here
+        xc_coef, const = batch_projection(sum_gz, sum_gz_xc, z_coefs[2][:, :, 0], drift_prev + d, s, drift_prev, eps,
+                                          x3.shape[2])  # fmt: skip
     grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...
     grad_x = input_grad(g3, x3, *z_coefs, limit, *grad_coefs)
     return grad_x, grad_weight, grad_bias, u_last, v_last
+
+
+def project_within_batch(grad_x3: Tensor, x3: Tensor, eps: float) -> Tensor:
+    """``grad_x3`` less, per channel, its components along the constant and along the centred input, within the batch.
+
+    For ``(N, C, S)`` activations, over the N * S values of each channel: with ``xc = x - mean(x)``,
+    ``grad - mean(grad) - xc * mean(grad * xc) / (mean(xc^2) + eps)``: BatchNorm's projection,
+    applied after the fact (:func:`batch_projection` folds it into the passes instead).
+    """
+    dims = (0, 2)
+    xc = x3 - x3.mean(dims, keepdim=True)
+    along_xc = (grad_x3 * xc).mean(dims, keepdim=True) / ((xc * xc).mean(dims, keepdim=True) + eps)
+    return grad_x3 - grad_x3.mean(dims, keepdim=True) - xc * along_xc
+
+
+def batch_projection(sum_gz, sum_gz_xc, grad_coef, m, s, center, eps: float, count: int) -> tuple[Tensor, Tensor]:
+    """``(xc_coef, const)`` (each ``(N, C)``) of the input gradient ``projection="batch"`` gives a batch of two or more.
+
+    That gradient is ``P(gz * grad_coef)``: the gradient with the statistics held constant
+    (``gz * gamma / k``, no controls), less per channel its least-squares fit on the constant and on
+    ``x - mean(x)`` over the batch's N * S values (``eps`` added to the variance, as BatchNorm's exact
+    gradient removes them). With ``xc = x - center`` per sample it is
+    ``gz * grad_coef + xc * xc_coef + const``, so it needs no pass of its own: the fit follows from
+    the per-sample sums ``sum_gz``, ``sum_gz_xc`` over the ``count`` positions, means ``m`` and
+    biased variances ``s``. ``m`` and ``center`` may be measured from any common origin.
+    """
+    total = sum_gz.shape[0] * count
+    batch_mean = m.mean(0)
+    offset = center - batch_mean  # x - mean(x) = xc + offset, per sample
+    batch_var = (s + (m - batch_mean).square()).mean(0)
+    mean_grad = (grad_coef * sum_gz).sum(0) / total
+    along_x = (grad_coef * (sum_gz_xc + offset * sum_gz)).sum(0) / total / (batch_var + eps)
+    return -along_x.expand_as(offset), -mean_grad - along_x * offset
 
 
 def _sample_statistics(x3, mean0, var0, alpha_fwd: float, eps: float):

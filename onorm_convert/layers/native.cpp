@@ -5,7 +5,8 @@
 // are independent and spread over the threads), its recurrent state held in float64. This is
 // a sequential scan per channel, as torch.cumsum is on CPU. Backward recomputes the forward
 // state from the state before the batch instead of reading saved per-sample tensors, so a
-// training step stores nothing of the activations' size besides the input.
+// training step stores nothing of the activations' size besides the input. With projection="batch" backward
+// takes the input gradient in a second pass, once the whole batch's sums are known (batch_projection).
 //
 // - dense (N, C): one value per sample and channel; a block of channels advances together,
 //   the channel loop innermost (contiguous, vectorized).
@@ -58,6 +59,33 @@ inline A next_v(A v_prev, A mean_gy, A cb_mean_y2, int stable) {
     return stable ? (v_prev + mean_gy) / (1 + cb_mean_y2) : v_prev * (1 - cb_mean_y2) + mean_gy;
 }
 
+// projection="batch" (a batch of two or more): the input gradient is gz * grad - (x - mean(x)) * along_x - mean_grad,
+// BatchNorm's projection of the gradient with the statistics held constant (functional.batch_projection, whose
+// equations these are). One channel, from its n samples' values `stride` apart: the sums over the `count` positions
+// of gz and gz * (x - center), the gradient coefficient, the mean and biased variance (nullptr: 0), and the
+// center, the means and centers measured from the same origin.
+struct Projection {
+    A along_x, batch_mean, mean_grad;
+    A constant(A center) const { return -mean_grad - along_x * (center - batch_mean); }  // with xc = x - center
+};
+
+inline Projection batch_projection(const A* sum_gz, const A* sum_gz_xc, const A* grad, const A* m, const A* s,
+                                   const A* center, int64_t n, int64_t stride, A count, A eps) {
+    A sum_m = 0;
+    for (int64_t t = 0; t < n; ++t) sum_m += m[t * stride];
+    const A batch_mean = sum_m / A(n);
+    A spread = 0, sum_g = 0, sum_gx = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t i = t * stride;
+        const A dm = m[i] - batch_mean;
+        spread += (s == nullptr ? 0 : s[i]) + dm * dm;
+        sum_g += grad[i] * sum_gz[i];
+        sum_gx += grad[i] * (sum_gz_xc[i] + (center[i] - batch_mean) * sum_gz[i]);
+    }
+    const A total = A(n) * count;
+    return {sum_gx / total / (spread / A(n) + eps), batch_mean, sum_g / total};
+}
+
 template <typename T>
 void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
              const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
@@ -89,10 +117,15 @@ void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0
 template <typename T>
 void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, const T* mean0, const T* var0,
               const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, int stable,
-              T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {
+              int project, T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps, cb = 1 - alpha_bkw;
+    project = project && n > 1;
     for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
+        // projection: per sample and channel what batch_projection takes (a sample's one value is its mean, with
+        // variance 0), and x - center; the means and centers as their drift from mean0.
+        const size_t kept = project ? size_t(n * w) : 0;
+        std::vector<A> gz_of(kept), gz_xc(kept), coef(kept), m_rel(kept), centers(kept), xc_of(kept);
         std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
         std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1), u(u_io + c0, u_io + c1),
             v(v_io + c0, v_io + c1), sum_gy(w, 0.0), sum_g(w, 0.0);
@@ -117,8 +150,25 @@ void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t cha
                 const A dx = g_ctrl * inv_k - cb * uu[j];
                 uu[j] += dx;
                 dxt[j] = T(dx);
+                if (project) {
+                    const int64_t i = t * w + j;
+                    gz_of[i] = gz;
+                    gz_xc[i] = gz * d;
+                    coef[i] = gm[j] * inv_k;
+                    m_rel[i] = dr[j] + d;
+                    centers[i] = dr[j];
+                    xc_of[i] = d;
+                }
                 vr[j] = a * vr[j] + ab * (d * d);
                 dr[j] += b * d;
+            }
+        }
+        for (int64_t j = 0; project && j < w; ++j) {
+            const Projection pr = batch_projection(gz_of.data() + j, gz_xc.data() + j, coef.data() + j,
+                                                   m_rel.data() + j, nullptr, centers.data() + j, n, w, 1, e);
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t i = t * w + j;
+                grad_x[t * channels + c0 + j] = T(gz_of[i] * coef[i] - xc_of[i] * pr.along_x + pr.constant(centers[i]));
             }
         }
         for (int64_t j = 0; j < w; ++j) {
@@ -212,11 +262,18 @@ struct RowChannel {
         advance(st);
     }
 
-    void backward(const T* row, const T* grow, T* dxrow, int64_t count) {
-        const Step st = step(row, count);  // the forward's statistics, recomputed: the same clamp mask
+    // One sample's backward up to its input gradient: the forward's statistics recomputed (the same clamp
+    // mask), the sums of gz (the gradient where the clamp let it through) and gz * (x - mu_prev), and the
+    // control step, which advances u, v and the parameter gradients. The statistics are not advanced yet.
+    struct Sums {
+        Step st;
+        A sum_gz, sum_gz_xc;
+        InputGrad<T> coef;
+    };
+    Sums sums(const T* row, const T* grow, int64_t count) {
+        const Step st = step(row, count);
         const T center = st.center, scale = st.scale, offset = beta, limit = lim;
-        const A inv_k = st.inv_k, d = st.d, n = A(count);
-        A sum_gz = 0, sum_gz_xc = 0;  // gz: the gradient where the clamp let it through
+        A sum_gz = 0, sum_gz_xc = 0;
 #pragma omp simd reduction(+ : sum_gz, sum_gz_xc)
         for (int64_t p = 0; p < count; ++p) {
             const T xc = row[p] - center, g_out = grow[p];
@@ -224,8 +281,12 @@ struct RowChannel {
             sum_gz += A(gz);
             sum_gz_xc += A(gz) * A(xc);
         }
-        const InputGrad<T> coef =
-            control_step<T>(sum_gz, sum_gz_xc, st.s, d, inv_k, gamma, n, keep, cb, stable, u, v, sum_gy, sum_g);
+        const InputGrad<T> coef = control_step<T>(sum_gz, sum_gz_xc, st.s, st.d, st.inv_k, gamma, A(count), keep,
+                                                  cb, stable, u, v, sum_gy, sum_g);
+        return {st, sum_gz, sum_gz_xc, coef};
+    }
+    void input_grad(const T* row, const T* grow, T* dxrow, int64_t count, const Step& st, InputGrad<T> coef) const {
+        const T center = st.center, scale = st.scale, offset = beta, limit = lim;
         const T grad_coef = coef.grad, xc_coef = coef.xc, constant = coef.constant;
 #pragma omp simd
         for (int64_t p = 0; p < count; ++p) {
@@ -233,7 +294,11 @@ struct RowChannel {
             const T gz = std::fabs(xc * scale + offset) <= limit ? g_out : T(0);
             dxrow[p] = gz * grad_coef + xc * xc_coef + constant;
         }
-        advance(st);
+    }
+    void backward(const T* row, const T* grow, T* dxrow, int64_t count) {
+        const Sums sm = sums(row, grow, count);
+        input_grad(row, grow, dxrow, count, sm.st, sm.coef);
+        advance(sm.st);
     }
 };
 
@@ -257,18 +322,44 @@ void spatial_forward(const T* x, T* z, int64_t n, int64_t channels, int64_t posi
 template <typename T>
 void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
                       const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
-                      double alpha_bkw, double eps, double limit, int stable, T* u_io, T* v_io, T* grad_weight,
-                      T* grad_bias, int threads) {
+                      double alpha_bkw, double eps, double limit, int stable, int project, T* u_io, T* v_io,
+                      T* grad_weight, T* grad_bias, int threads) {
     const int team = channels < threads ? int(channels) : threads;
+    project = project && n > 1;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
         RowChannel<T> ch(alpha_fwd, alpha_bkw, eps, limit, mean0[c], var0[c], gamma[c], beta[c]);
         ch.stable = stable;
         ch.u = u_io[c];
         ch.v = v_io[c];
-        for (int64_t t = 0; t < n; ++t) {
-            const int64_t at = (t * channels + c) * positions;  // sample t, channel c
-            ch.backward(x + at, grad + at, grad_x + at, positions);
+        if (project) {  // every sample's sums first; the input gradient once the batch's projection is known
+            using Step = typename RowChannel<T>::Step;
+            std::vector<Step> steps(n);
+            std::vector<A> sum_gz(n), sum_gz_xc(n), coef(n), m_rel(n), s(n), centers(n);
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t at = (t * channels + c) * positions;  // sample t, channel c
+                centers[t] = ch.drift;  // the means and centers as their drift from mean0
+                const auto sm = ch.sums(x + at, grad + at, positions);
+                steps[t] = sm.st;
+                sum_gz[t] = sm.sum_gz;
+                sum_gz_xc[t] = sm.sum_gz_xc;
+                coef[t] = ch.gamma * sm.st.inv_k;
+                m_rel[t] = ch.drift + sm.st.d;
+                s[t] = sm.st.s;
+                ch.advance(sm.st);
+            }
+            const Projection pr = batch_projection(sum_gz.data(), sum_gz_xc.data(), coef.data(), m_rel.data(),
+                                                   s.data(), centers.data(), n, 1, A(positions), A(eps));
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t at = (t * channels + c) * positions;
+                const InputGrad<T> projected{T(coef[t]), T(-pr.along_x), T(pr.constant(centers[t]))};
+                ch.input_grad(x + at, grad + at, grad_x + at, positions, steps[t], projected);
+            }
+        } else {
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t at = (t * channels + c) * positions;  // sample t, channel c
+                ch.backward(x + at, grad + at, grad_x + at, positions);
+            }
         }
         u_io[c] = T(ch.u);
         v_io[c] = T(ch.v);
@@ -362,8 +453,9 @@ void channels_last_forward(const T* x, T* z, int64_t n, int64_t channels, int64_
 template <typename T>
 void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t channels, int64_t positions,
                             const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
-                            double alpha_bkw, double eps, double limit, int stable, T* u_io, T* v_io,
+                            double alpha_bkw, double eps, double limit, int stable, int project, T* u_io, T* v_io,
                             T* grad_weight, T* grad_bias, int threads) {
+    project = project && n > 1;
     for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
         ColumnBlock<T> blk(c0, c1, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit);
         const int64_t w = blk.w;
@@ -377,6 +469,11 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
         A *sgz = sum_gz.data(), *sgzx = sum_gz_xc.data();
         const T *gc = grad_coef.data(), *xcc = xc_coef.data(), *cs = constant.data();
         const A count = A(positions);
+        // projection: per sample and channel (t * w + j) what batch_projection takes, and the z map's center and
+        // scale for the input gradient's pass once the batch's projection is known.
+        const size_t kept = project ? size_t(n * w) : 0;
+        std::vector<A> p_gz(kept), p_gz_xc(kept), p_coef(kept), p_m(kept), p_s(kept), p_center(kept);
+        std::vector<T> p_cn(kept), p_sc(kept);
         for (int64_t t = 0; t < n; ++t) {
             const int64_t sample = t * positions * channels + c0;
             blk.step(x + sample, positions, channels);  // the forward's statistics, recomputed: the same mask
@@ -399,6 +496,21 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
                 xc_coef[j] = coef.xc;
                 constant[j] = coef.constant;
             }
+            if (project) {
+                for (int64_t j = 0; j < w; ++j) {
+                    const int64_t i = t * w + j;
+                    p_gz[i] = sgz[j];
+                    p_gz_xc[i] = sgzx[j];
+                    p_coef[i] = A(blk.gamma[j]) * blk.inv_k[j];
+                    p_m[i] = blk.drift[j] + blk.d[j];  // the means and centers as their drift from mean0
+                    p_s[i] = blk.sv[j];
+                    p_center[i] = blk.drift[j];
+                    p_cn[i] = cn[j];
+                    p_sc[i] = sc[j];
+                }
+                blk.advance();
+                continue;
+            }
             for (int64_t p = 0; p < positions; ++p) {
                 const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
                 T* dxrow = grad_x + sample + p * channels;
@@ -410,6 +522,33 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
                 }
             }
             blk.advance();
+        }
+        if (project) {
+            std::vector<Projection> pr(w);
+            for (int64_t j = 0; j < w; ++j)
+                pr[j] = batch_projection(p_gz.data() + j, p_gz_xc.data() + j, p_coef.data() + j, p_m.data() + j,
+                                         p_s.data() + j, p_center.data() + j, n, w, count, A(eps));
+            std::vector<T> along(w);
+            T* al = along.data();
+            for (int64_t j = 0; j < w; ++j) al[j] = T(-pr[j].along_x);
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t sample = t * positions * channels + c0;
+                for (int64_t j = 0; j < w; ++j) {
+                    grad_coef[j] = T(p_coef[t * w + j]);
+                    constant[j] = T(pr[j].constant(p_center[t * w + j]));
+                }
+                const T *pcn = p_cn.data() + t * w, *psc = p_sc.data() + t * w;
+                for (int64_t p = 0; p < positions; ++p) {
+                    const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
+                    T* dxrow = grad_x + sample + p * channels;
+#pragma omp simd
+                    for (int64_t j = 0; j < w; ++j) {
+                        const T xc = row[j] - pcn[j], g_out = grow[j];
+                        const T gz = std::fabs(xc * psc[j] + o[j]) <= lim ? g_out : T(0);
+                        dxrow[j] = gz * gc[j] + xc * al[j] + cs[j];
+                    }
+                }
+            }
         }
         for (int64_t j = 0; j < w; ++j) {
             u_io[c0 + j] = T(blk.u[j]);
@@ -431,10 +570,10 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
     extern "C" void onorm_dense_backward_##SUFFIX(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c,         \
                                                   const T* mean0, const T* var0, const T* gamma, const T* beta,       \
                                                   double alpha_fwd, double alpha_bkw, double eps, double limit,       \
-                                                  int stable, T* u_io, T* v_io, T* grad_weight, T* grad_bias,         \
-                                                  int threads) {                                                      \
-        dense_backward(grad, x, grad_x, n, c, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, stable, u_io,    \
-                       v_io, grad_weight, grad_bias, threads);                                                        \
+                                                  int stable, int project, T* u_io, T* v_io, T* grad_weight,          \
+                                                  T* grad_bias, int threads) {                                        \
+        dense_backward(grad, x, grad_x, n, c, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit, stable,          \
+                       project, u_io, v_io, grad_weight, grad_bias, threads);                                         \
     }
 
 // The spatial and channels_last kernels share one signature: sizes (N, C, S) of the batch.
@@ -447,9 +586,9 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
     extern "C" void onorm_##LAYOUT##_backward_##SUFFIX(                                                               \
         const T* grad, const T* x, T* grad_x, int64_t n, int64_t c, int64_t s, const T* mean0, const T* var0,         \
         const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, int stable,      \
-        T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {                                                \
+        int project, T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {                                   \
         LAYOUT##_backward(grad, x, grad_x, n, c, s, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit,       \
-                          stable, u_io, v_io, grad_weight, grad_bias, threads);                                       \
+                          stable, project, u_io, v_io, grad_weight, grad_bias, threads);                              \
     }
 
 ONORM_EXPORT(float, f32)

@@ -43,9 +43,11 @@ _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 # fmt: off
 _SIGNATURES = {
     "onorm_dense_forward": [_P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_dense_backward": [_P, _P, _P, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+                             ctypes.c_int],
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
-    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, ctypes.c_int, _P, _P, _P,
+                               _P, ctypes.c_int],
 }
 # fmt: on
 _SIGNATURES.update(
@@ -69,11 +71,15 @@ def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit:
     return _from_kernel(layout, z, x3), mean_last, var_last
 
 
-def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False):
+def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False,
+             project: bool = False):  # fmt: skip
     """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
 
     ``stable``: v advances by the implicit form of its recurrence (``control="stable"``, see
-    :func:`.functional.backward_statistics`), else by the doc's step.
+    :func:`.functional.backward_statistics`), else by the doc's step. ``project``
+    (``projection="batch"``): ``grad_x`` of two samples or more is
+    :func:`.functional.batch_projection`'s, from the same sums (its input-gradient pass waits for
+    the batch's last sample).
     """
     layout = _layout(x3)
     x, grad = _to_kernel(layout, x3), _to_kernel(layout, grad3)
@@ -82,7 +88,7 @@ def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw
     u_last, v_last = u0.clone(), v0.clone()  # advanced in place by the kernel
     grad_weight, grad_bias = torch.empty_like(gamma), torch.empty_like(gamma)
     _call(f"onorm_{layout}_backward", grad, x, grad_x, *_sizes(layout, x3), mean0, var0, gamma, offset,
-          alpha_fwd, alpha_bkw, eps, limit, int(stable), u_last, v_last, grad_weight, grad_bias)  # fmt: skip
+          alpha_fwd, alpha_bkw, eps, limit, int(stable), int(project), u_last, v_last, grad_weight, grad_bias)  # fmt: skip
     return _from_kernel(layout, grad_x, x3), grad_weight, grad_bias, u_last, v_last
 
 

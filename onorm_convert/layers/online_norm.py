@@ -15,6 +15,7 @@ from .functional import (
     FIXED,
     LAYER_SCALING,
     NONE,
+    PROJECTIONS,
     clamp_limit,
     frozen_affine,
     layer_scale,
@@ -43,7 +44,7 @@ class OnlineNormBase(nn.Module):
     ``u_ctrl``/``v_ctrl`` (the backward control accumulators u and v), all kept in
     float32 (or float64) whatever the dtype the module is cast to.
 
-    Three departures from the doc's equations, each off by default here:
+    Four departures from the doc's equations, each off by default here:
 
     - ``control="stable"``: v advances by the implicit form of its recurrence,
       ``v = (v_prev + mean(g y)) / (1 + (1 - alpha_bkw) * mean(y^2))``, instead of
@@ -56,6 +57,11 @@ class OnlineNormBase(nn.Module):
     - ``alpha_mode="adaptive"``: alpha_fwd is state (buffer ``alpha_now``, starting at
       ``alpha_fwd``) that moves after each training call by the drift the statistics saw
       (:mod:`.adaptive_alpha`); each call is the doc's equations at the alpha it used.
+    - ``projection="batch"``: in a batch of two samples or more, backward then removes from the
+      input gradient, per channel, its components along the constant and along the centred
+      input within the batch (what BatchNorm's exact gradient removes, and the controls remove
+      only on average over the stream): :func:`.functional.project_within_batch`. A batch of one
+      sample gets the doc's gradient; the forward and the control state are the doc's either way.
 
     A training step whose new state would be NaN/Inf (a bad input, or u/v running away until
     they overflow), raises :class:`OnlineNormStateError` naming the layer (``layer_name``,
@@ -75,6 +81,7 @@ class OnlineNormBase(nn.Module):
         control: ``"exact"`` (the doc's v step) or ``"stable"`` (above).
         clamp_mode: ``"fixed"`` (the doc's) or ``"affine"`` (above).
         alpha_mode: ``"fixed"`` (the doc's) or ``"adaptive"`` (above; ``alpha_fwd`` is then where it starts).
+        projection: ``"none"`` (the doc's) or ``"batch"`` (above).
         device, dtype: of the parameters; the state is float32 (float64 for a float64 layer).
     """
 
@@ -93,6 +100,7 @@ class OnlineNormBase(nn.Module):
         control: str = EXACT,
         clamp_mode: str = FIXED,
         alpha_mode: str = FIXED,
+        projection: str = NONE,
         device=None,
         dtype=None,
     ) -> None:
@@ -110,6 +118,8 @@ class OnlineNormBase(nn.Module):
             raise ValueError(f"clamp_mode must be one of {', '.join(CLAMP_MODES)}; got {clamp_mode!r}")
         if alpha_mode not in ALPHA_MODES:
             raise ValueError(f"alpha_mode must be one of {', '.join(ALPHA_MODES)}; got {alpha_mode!r}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}; got {projection!r}")
         self.num_features = num_features
         self.alpha_fwd = float(alpha_fwd)
         self.alpha_bkw = float(alpha_bkw)
@@ -121,6 +131,7 @@ class OnlineNormBase(nn.Module):
         self.control = control
         self.clamp_mode = clamp_mode
         self.alpha_mode = alpha_mode
+        self.projection = projection
         self.layer_name: str | None = None  # for error messages; convert() sets the module's qualified name
         factory = {"device": device, "dtype": dtype}
         if affine:
@@ -189,7 +200,8 @@ class OnlineNormBase(nn.Module):
         clamp_value = self.clamp_value if self.ecm == CLAMP else None
         adaptive = self.alpha_mode == ADAPTIVE
         state = (self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl, self.alpha_now if adaptive else None)
-        settings = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp_value, self.clamp_mode, self.control, z_dtype, name)
+        settings = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp_value, self.clamp_mode, self.control, self.projection,
+                    z_dtype, name)  # fmt: skip
         z, mean, var, _ = train_step(x, self.weight, self.bias, *state, *settings)
         with torch.no_grad():
             if adaptive:
@@ -222,9 +234,10 @@ class OnlineNormBase(nn.Module):
             )
         control = f", control={self.control!r}" if self.control != EXACT else ""
         alpha_mode = f", alpha_mode={self.alpha_mode!r}" if self.alpha_mode == ADAPTIVE else ""
+        projection = f", projection={self.projection!r}" if self.projection != NONE else ""
         return (
             f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-            f"eps={self.eps}, affine={self.affine}, {ecm}{control}{alpha_mode}"
+            f"eps={self.eps}, affine={self.affine}, {ecm}{control}{alpha_mode}{projection}"
         )
 
 

@@ -4,7 +4,8 @@ Two functional ops, which ``torch.compile`` and ``torch.export`` trace as single
 
 - ``onorm::train_forward(x, weight, bias, mean, var, u, v, alpha_now, <settings>) -> (z, mean_new, var_new, before)``;
 - ``onorm::train_backward(grad_z, x, weight, bias, mean, var, u, v, alpha_now, <settings>)
-  -> (grad_x, grad_weight, grad_bias, u_new, v_new)``, the backward of the first.
+  -> (grad_x, grad_weight, grad_bias, u_new, v_new)``, the backward of the first (with the setting
+  ``projection="batch"``, ``grad_x`` of a batch of two or more is :func:`.functional.batch_projection`'s).
 
 ``alpha_now`` is an adaptive layer's forward decay (a 0-dim tensor, :mod:`.adaptive_alpha`),
 None for a fixed one, whose ``alpha_fwd`` is among the settings.
@@ -55,6 +56,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 from .functional import (
+    BATCH,
     STABLE,
     as_channels_by_positions,
     check_state,
@@ -208,7 +210,7 @@ def forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_va
 
 @_without_autocast
 def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value,
-                  clamp_mode, control, name):  # fmt: skip
+                  clamp_mode, control, projection, name):  # fmt: skip
     """``(grad_x, grad_weight, grad_bias, u_new, v_new)``: ``grad_x`` as ``x``, the rest in the statistics dtype.
 
     Without an affine, ``grad_weight``/``grad_bias`` are those of a gamma of ones and a beta of zeros.
@@ -220,7 +222,8 @@ def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
     alpha = _alpha(alpha_now, alpha_fwd)
-    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha, alpha_bkw, eps, limit, control == STABLE)
+    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha, alpha_bkw, eps, limit, control == STABLE,
+            projection == BATCH)  # fmt: skip
     grad_x, grad_weight, grad_bias, u_new, v_new = run.backward(g3, x3, *args)
     check_state(name, {"u_ctrl": u_new, "v_ctrl": v_new}, forward=False, control=control)
     return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, u_new, v_new
@@ -246,7 +249,7 @@ def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[T
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor, v: Tensor,
     alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
-    clamp_mode: str, control: str, out_dtype: torch.dtype, name: str,
+    clamp_mode: str, control: str, projection: str, out_dtype: torch.dtype, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training forward (see the module docstring); ``u``, ``v`` are for its backward."""
     z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype,
@@ -256,7 +259,7 @@ def train_forward(
 
 @train_forward.register_fake
 def _(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
-      out_dtype, name):  # fmt: skip
+      projection, out_dtype, name):  # fmt: skip
     dtype = stat_dtype(x, mean)
     new_state = [mean.new_empty(mean.shape, dtype=dtype) for _ in range(2)]
     rows = 2 if alpha_now is None else 3
@@ -267,17 +270,17 @@ def _(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, cl
 def train_backward(
     grad_z: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor,
     v: Tensor, alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
-    clamp_mode: str, control: str, name: str,
+    clamp_mode: str, control: str, projection: str, name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """ON's training backward: the gradients of ``x``, ``weight``, ``bias`` and the new ``u``, ``v``."""
     grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps,
-                                  clamp_value, clamp_mode, control, name)  # fmt: skip
+                                  clamp_value, clamp_mode, control, projection, name)  # fmt: skip
     return _as_promised(grad_x, x), *(_as_promised(t, t) for t in rest)
 
 
 @train_backward.register_fake
 def _(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
-      name):  # fmt: skip
+      projection, name):  # fmt: skip
     per_channel = [mean.new_empty(mean.shape) for _ in range(4)]
     return torch.empty_like(x), *per_channel
 
@@ -296,14 +299,14 @@ def _as_promised(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _, _, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, _, name = (
+    x, weight, bias, _, _, u, v, _, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, projection, _, name = (
         inputs
     )
     ctx.save_for_backward(x, weight, bias, output[3])
     # Not saved tensors: backward reads u, v as they are when it runs (a layer called twice runs
     # its backward twice, each advancing them) and writes them, which saved tensors forbid.
     ctx.u, ctx.v = u, v
-    ctx.settings = (alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, name)
+    ctx.settings = (alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, projection, name)
 
 
 def _backward(ctx, grad_z, *_state_grads, run_backward=train_backward):
@@ -318,7 +321,7 @@ def _backward(ctx, grad_z, *_state_grads, run_backward=train_backward):
         ctx.v.copy_(v_new)
     grad_weight = None if weight is None else grad_weight.to(weight.dtype)
     grad_bias = None if bias is None else grad_bias.to(bias.dtype)
-    return grad_x, grad_weight, grad_bias, *(None,) * 13
+    return grad_x, grad_weight, grad_bias, *(None,) * 14
 
 
 train_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -340,9 +343,25 @@ class _EagerStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        x, weight, bias, mean, var, _, _, alpha_now, alpha_fwd, _, eps, clamp_value, clamp_mode, _, out_dtype, name = (
-            inputs
-        )
+        (
+            x,
+            weight,
+            bias,
+            mean,
+            var,
+            _,
+            _,
+            alpha_now,
+            alpha_fwd,
+            _,
+            eps,
+            clamp_value,
+            clamp_mode,
+            _,
+            _,
+            out_dtype,
+            name,
+        ) = inputs
         z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode,
                                  out_dtype, name)  # fmt: skip
         _setup_context(ctx, inputs, (z, *state))

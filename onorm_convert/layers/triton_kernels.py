@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .functional import batch_projection, project_within_batch
+
 # The @triton.jit decorators below read TRITON_INTERPRET once, now: interpreted kernels run CPU tensors.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 TILE = 4096  # activations per program and step of a pass (a [BLOCK_C, BLOCK_S] tile)
@@ -88,13 +90,17 @@ def forward(x3, mean0, var0, gamma, offset, alpha_fwd: float, eps: float, limit:
     return z, mean_last, var_last
 
 
-def backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False):
+def backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, eps, limit, stable: bool = False,
+             project: bool = False):  # fmt: skip
     """Training backward of ``(N, C, S)`` activations: ``(grad_x, grad_weight, grad_bias, u_last, v_last)``.
 
     ``grad_x`` as :func:`forward`'s ``z`` (``x3``'s dtype and layout; ``g3`` may have others),
     the rest in ``mean0``'s dtype. ``stable``: v advances by the implicit form of its
-    recurrence (``control="stable"``). The contract of :func:`.functional.scan_backward`.
+    recurrence (``control="stable"``). ``project``: ``projection="batch"``'s ``grad_x`` for two
+    samples or more (:func:`.functional.batch_projection`). The contract of
+    :func:`.functional.scan_backward`.
     """
+    project = project and len(x3) > 1
     n, channels, positions = x3.shape
     mean0, var0, gamma, offset, u0, v0 = _per_channel(x3, mean0, var0, gamma, offset, u0, v0)
     grad_x = torch.empty_like(x3)
@@ -106,6 +112,14 @@ def backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, e
             *g3.stride()[:2], *x3.stride()[:2], *grad_x.stride()[:2], *settings, limit, STABLE=stable,
             BLOCK_C=SCAN_BLOCK, **LAUNCH,
         )  # fmt: skip
+        if project:  # dense is small: the walk again without the controls (alpha_bkw 1), then the projection
+            plain, unused = torch.empty_like(x3, dtype=mean0.dtype), [torch.empty_like(mean0) for _ in range(4)]
+            _dense_backward_kernel[_scan_grid(channels)](
+                g3, x3, plain, mean0, var0, gamma, offset, u0, v0, *unused, n, channels, *g3.stride()[:2],
+                *x3.stride()[:2], *plain.stride()[:2], alpha_fwd, 1.0, eps, limit, STABLE=stable, BLOCK_C=SCAN_BLOCK,
+                **LAUNCH,
+            )  # fmt: skip
+            grad_x.copy_(project_within_batch(plain, x3.to(mean0.dtype), eps))
         return grad_x, grad_weight, grad_bias, u_last, v_last
     state = torch.empty_like(mean0), torch.empty_like(var0)  # the forward's new state again, unused here
     mean, var, center, scale = _forward_statistics(x3, mean0, var0, gamma, alpha_fwd, eps, *state)
@@ -121,6 +135,9 @@ def backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, e
         mean, var, sum_gz, sum_gz_xc, mean0, var0, gamma, u0, v0, u_last, v_last, grad_weight, grad_bias, xc_coef,
         const, n, channels, positions, *settings, STABLE=stable, BLOCK_C=SCAN_BLOCK, **LAUNCH,
     )  # fmt: skip
+    if project:  # (N, C) work: the fit from the per-sample sums and moments, in place of the controls
+        xc_coef, const = (t.contiguous() for t in batch_projection(sum_gz, sum_gz_xc, scale, mean, var, center, eps,
+                                                                    positions))  # fmt: skip
     _input_grad_kernel[grid](
         g3, x3, grad_x, center, scale, offset, xc_coef, const, channels, positions, *g3.stride(),
         *x3.stride(), *grad_x.stride(), limit, BLOCK_C=block_c, BLOCK_S=block_s, **LAUNCH,
