@@ -101,6 +101,8 @@ SGD_NESTEROV_STEP_RECIPE = Recipe("sgd", lr=0.1, weight_decay=1e-4, nesterov=Tru
 ADAM_RECIPE = Recipe("adam", lr=5e-4, weight_decay=0.0)
 # The third held-out model's: written after alpha_mode="adaptive" was, to test it.
 SGD_PLAIN_RECIPE = Recipe("sgd", lr=0.1, momentum=0.0, weight_decay=5e-4, warmup_fraction=0.1)
+# The fourth held-out model's: written after projection="batch" was, to test it.
+SGD_FAST_RECIPE = Recipe("sgd", lr=0.2, weight_decay=1e-4, warmup_fraction=0.2)
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,35 @@ def se_resnet() -> nn.Module:
     )  # fmt: skip
 
 
+class Bottleneck(nn.Module):
+    """torchvision's bottleneck (1x1 reduce, grouped 3x3, 1x1 expand), its last BatchNorm's gamma initialized to 0."""
+
+    def __init__(self, channels_in: int, width: int, channels_out: int, stride: int, groups: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out),
+        )  # fmt: skip
+        nn.init.zeros_(self.body[-1].weight)  # zero_init_residual: each block starts as its shortcut
+        same = stride == 1 and channels_in == channels_out
+        self.shortcut = nn.Identity() if same else nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def bottleneck_resnet() -> nn.Module:
+    """Held out: bottleneck blocks with grouped 3x3 convs and zero-initialized residual gammas, 16x16."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        Bottleneck(32, 16, 32, 1), Bottleneck(32, 16, 64, 2), Bottleneck(64, 32, 64, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
 def upsampled_16(images: Tensor) -> Tensor:
     """Digits upsampled bilinearly to ``(N, 1, 16, 16)``."""
     return F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
@@ -294,6 +325,9 @@ MODELS = {
                   "no weight decay, 3 epochs", dense_tiny, upsampled_16, ADAM_RECIPE, 3),
         ModelSpec("se_resnet", "held out: residual blocks with squeeze-and-excitation, 24/48, stride 2, 16x16; SGD "
                   "without momentum lr 0.1, warm-up + cosine, 2 epochs", se_resnet, upsampled_16, SGD_PLAIN_RECIPE, 2),
+        ModelSpec("bottleneck_resnet", "held out: bottleneck blocks, grouped 3x3, zero-initialized residual gammas, "
+                  "stride 2, 16x16; SGD lr 0.2, long warm-up + cosine, 2 epochs", bottleneck_resnet, upsampled_16,
+                  SGD_FAST_RECIPE, 2),
     )
 }  # fmt: skip
 
