@@ -21,7 +21,15 @@ from onorm_convert import OnlineNorm1d, OnlineNorm2d, convert
 from onorm_convert.layers import OnlineNormStateError
 from onorm_convert.layers.functional import check_state
 
-from conftest import assert_matches, layer_step, native_kernels, reference_step, state_of
+from conftest import (
+    assert_matches,
+    assert_no_worse_than_loop,
+    layer_step,
+    native_kernels,
+    reference_of,
+    reference_step,
+    state_of,
+)
 from reference import ReferenceOnlineNorm
 
 ALPHA_FWD, ALPHA_BKW = 0.9, 0.8
@@ -128,6 +136,22 @@ def test_batch_projection_matches_its_per_sample_reference(path, kind, batch):
             # Not quite 0 along xc: the fit divides by the variance + eps, as BatchNorm's does.
             assert (actual["grad_x"] * xc).sum(channel_values).abs().max() < 1e-4 * scale * xc.abs().max()
             assert not torch.allclose(actual["grad_x"], doc["grad_x"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_projection_in_float32_is_as_accurate_as_a_float32_loop(path, kind):
+    """The fit subtracts most of the gradient: float32 may lose digits there, but no more than the plain loop does."""
+    torch.manual_seed(7 + len(kind))
+    cls, sample_shape, memory_format = KINDS[kind]
+    layer = _layer(cls, sample_shape[0], control="stable", projection="batch").float()
+    reference, loop = reference_of(layer), reference_of(layer, torch.float32)
+    for step in range(3):
+        x, grad = (t.float() for t in _batch((16, *sample_shape), memory_format))
+        with native_kernels(path == "native"):
+            actual = layer_step(layer, x.contiguous(memory_format=memory_format), grad)
+        expected, in_float32 = reference_step(reference, x, grad), reference_step(loop, x, grad)
+        assert_no_worse_than_loop(actual, expected, in_float32, 10, 1e-6, f"{path} {kind} step {step}")
 
 
 def test_affine_clamp_of_a_fresh_layer_is_the_fixed_clamp():

@@ -149,8 +149,9 @@ void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t cha
                 vv[j] = next_v(vv[j], gz * gm[j] * y, cb * (y * y), stable);
                 const A dx = g_ctrl * inv_k - cb * uu[j];
                 uu[j] += dx;
-                dxt[j] = T(dx);
-                if (project) {
+                if (!project) {
+                    dxt[j] = T(dx);
+                } else {  // the input gradient once the batch is known, below
                     const int64_t i = t * w + j;
                     gz_of[i] = gz;
                     gz_xc[i] = gz * d;
@@ -469,6 +470,19 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
         A *sgz = sum_gz.data(), *sgzx = sum_gz_xc.data();
         const T *gc = grad_coef.data(), *xcc = xc_coef.data(), *cs = constant.data();
         const A count = A(positions);
+        // dL/dx of one sample: gz * gc + (x - center) * xcc + cs, with the z map (center, scale) its forward used.
+        auto input_grad = [&](int64_t sample, const T* center, const T* scale) {
+            for (int64_t p = 0; p < positions; ++p) {
+                const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
+                T* dxrow = grad_x + sample + p * channels;
+#pragma omp simd
+                for (int64_t j = 0; j < w; ++j) {
+                    const T xc = row[j] - center[j], g_out = grow[j];
+                    const T gz = std::fabs(xc * scale[j] + o[j]) <= lim ? g_out : T(0);
+                    dxrow[j] = gz * gc[j] + xc * xcc[j] + cs[j];
+                }
+            }
+        };
         // projection: per sample and channel (t * w + j) what batch_projection takes, and the z map's center and
         // scale for the input gradient's pass once the batch's projection is known.
         const size_t kept = project ? size_t(n * w) : 0;
@@ -508,18 +522,8 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
                     p_cn[i] = cn[j];
                     p_sc[i] = sc[j];
                 }
-                blk.advance();
-                continue;
-            }
-            for (int64_t p = 0; p < positions; ++p) {
-                const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
-                T* dxrow = grad_x + sample + p * channels;
-#pragma omp simd
-                for (int64_t j = 0; j < w; ++j) {
-                    const T xc = row[j] - cn[j], g_out = grow[j];
-                    const T gz = std::fabs(xc * sc[j] + o[j]) <= lim ? g_out : T(0);
-                    dxrow[j] = gz * gc[j] + xc * xcc[j] + cs[j];
-                }
+            } else {
+                input_grad(sample, cn, sc);
             }
             blk.advance();
         }
@@ -528,26 +532,13 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
             for (int64_t j = 0; j < w; ++j)
                 pr[j] = batch_projection(p_gz.data() + j, p_gz_xc.data() + j, p_coef.data() + j, p_m.data() + j,
                                          p_s.data() + j, p_center.data() + j, n, w, count, A(eps));
-            std::vector<T> along(w);
-            T* al = along.data();
-            for (int64_t j = 0; j < w; ++j) al[j] = T(-pr[j].along_x);
+            for (int64_t j = 0; j < w; ++j) xc_coef[j] = T(-pr[j].along_x);
             for (int64_t t = 0; t < n; ++t) {
-                const int64_t sample = t * positions * channels + c0;
                 for (int64_t j = 0; j < w; ++j) {
                     grad_coef[j] = T(p_coef[t * w + j]);
                     constant[j] = T(pr[j].constant(p_center[t * w + j]));
                 }
-                const T *pcn = p_cn.data() + t * w, *psc = p_sc.data() + t * w;
-                for (int64_t p = 0; p < positions; ++p) {
-                    const T *row = x + sample + p * channels, *grow = grad + sample + p * channels;
-                    T* dxrow = grad_x + sample + p * channels;
-#pragma omp simd
-                    for (int64_t j = 0; j < w; ++j) {
-                        const T xc = row[j] - pcn[j], g_out = grow[j];
-                        const T gz = std::fabs(xc * psc[j] + o[j]) <= lim ? g_out : T(0);
-                        dxrow[j] = gz * gc[j] + xc * al[j] + cs[j];
-                    }
-                }
+                input_grad(t * positions * channels + c0, p_cn.data() + t * w, p_sc.data() + t * w);
             }
         }
         for (int64_t j = 0; j < w; ++j) {
