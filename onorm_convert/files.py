@@ -242,11 +242,14 @@ def _move_exclusively(staged: Path, destination: Path) -> None:
 @contextlib.contextmanager
 def stop_signals_held() -> Iterator[None]:
     """Stop signals wait (blocked) while the body runs, then are delivered."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # The mask is read before it changes, and blocked inside the try: a stop that arrived just before the block
+    # may still raise right after it (Python runs handlers between statements), and must not leave them blocked.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def write_atomically(destination: Path, write: Callable[[Path], None], *, replace: bool = True) -> None:

@@ -409,6 +409,26 @@ def test_a_signal_after_the_report_cannot_change_the_exit_code(monkeypatch, caps
     assert json.loads(out)["exit_code"] == 0 and "error" not in err
 
 
+def test_a_stop_raised_as_the_signals_are_held_does_not_leave_them_blocked(monkeypatch):
+    """Python runs a handler between statements: one that raises just after the block must still unblock them."""
+    from onorm_convert import files
+
+    real = signal.pthread_sigmask
+
+    def block_then_interrupt(how, mask):
+        previous = real(how, mask)
+        if how == signal.SIG_BLOCK and mask:
+            raise KeyboardInterrupt  # as a handler would, at the first statement boundary after the call
+        return previous
+
+    before = real(signal.SIG_BLOCK, ())
+    monkeypatch.setattr(signal, "pthread_sigmask", block_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), files.stop_signals_held():
+        pytest.fail("the body must not run")
+    monkeypatch.setattr(signal, "pthread_sigmask", real)
+    assert real(signal.SIG_BLOCK, ()) == before  # no stop signal left blocked (nor inherited by child processes)
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """SIGINT handled as in a terminal (test workers may ignore it)."""
