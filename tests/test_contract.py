@@ -280,11 +280,21 @@ def test_success_leaves_every_input_untouched_and_inspect_writes_nothing(tmp_pat
 
 
 def start(*args: str, cwd: Path = REPO) -> subprocess.Popen:
-    """A real `python -m onorm_convert` process with SIGINT handled as in a terminal (xdist workers may ignore it)."""
+    """A real `python -m onorm_convert` process with the stop signals handled as in a terminal.
+
+    A caller's ignored signals stay ignored in its children (and the CLI keeps them so): xdist
+    workers may ignore SIGINT, and a test run under nohup or in a shell's background SIGHUP,
+    SIGINT and SIGQUIT.
+    """
     return subprocess.Popen(
         [sys.executable, "-m", "onorm_convert", *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_stop_signals_default,
     )  # fmt: skip
+
+
+def _stop_signals_default() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def signal_after(process: subprocess.Popen, line_start: str, signum: int) -> tuple[int, str]:

@@ -592,7 +592,7 @@ def test_a_link_swapped_in_for_the_temp_file_is_neither_followed_nor_published(t
     assert (private.stat().st_mode & 0o777) == 0o600
 
 
-def test_a_signal_while_the_commands_are_being_built_is_still_the_contract(monkeypatch, capsys):
+def test_a_signal_while_the_commands_are_being_built_is_still_the_contract(monkeypatch, capsys, ctrl_c_raises):
     """Before the command runs, with the handlers in place (a rare exit by SIGINT at start-up came from here)."""
     signal_once_after(monkeypatch, "typer.main.get_command", signal.SIGINT)
     assert cli_main(["inspect", str(MLP), "--arch", MLP_ARCH]) == 130
