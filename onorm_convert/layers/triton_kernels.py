@@ -232,6 +232,15 @@ def _splat(value, dtype: tl.constexpr):
 
 
 @triton.jit
+def _pass_block(C, BLOCK_C: tl.constexpr):
+    """A pass program's sample ``n`` and block of channels ``cols`` (its grid: samples x channel blocks), which of
+    them exist, and ``at``: where the sample's per-(sample, channel) values of those channels are."""
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, cols, cols < C, n.to(tl.int64) * C + cols
+
+
+@triton.jit
 def _tile_offsets(n, cols, s0, S, stride_n, stride_c, stride_s, BLOCK_S: tl.constexpr):
     """Offsets (int64: large activations) and mask of a ``[BLOCK_C, BLOCK_S]`` tile: sample ``n``, channels
     ``cols``, positions from ``s0``; ``cols`` already masked by the caller's channel count."""
@@ -253,9 +262,7 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, C, S, stride_n, stride_c, stride_s
     Chan et al.'s update; with S <= BLOCK_S this is exactly the two-pass formula.
     """
     dtype = mean_ptr.dtype.element_ty
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_in = cols < C
+    n, cols, channel_in, _ = _pass_block(C, BLOCK_C)
     count = tl.zeros([BLOCK_C], dtype)
     mean = tl.zeros([BLOCK_C], dtype)
     squares = tl.zeros([BLOCK_C], dtype)
@@ -306,10 +313,7 @@ def _normalize_kernel(x_ptr, z_ptr, center_ptr, scale_ptr, offset_ptr, C, S, sxn
                       limit: tl.float64, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """``z = clamp((x - center) * scale + beta)``, stored in ``z_ptr``'s dtype."""
     dtype = center_ptr.dtype.element_ty
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_in = cols < C
-    at = n.to(tl.int64) * C + cols
+    n, cols, channel_in, at = _pass_block(C, BLOCK_C)
     center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     lim = _splat(limit, dtype)
     for s0 in range(0, S, BLOCK_S):
@@ -327,10 +331,7 @@ def _grad_sums_kernel(g_ptr, x_ptr, center_ptr, scale_ptr, offset_ptr, sum_gz_pt
     """Per (sample, channel) ``sum(gz)`` and ``sum(gz * (x - mu_prev))``; ``gz`` is the gradient zeroed where the
     clamp cut (a NaN there too, as ``torch.clamp``'s backward)."""
     dtype = center_ptr.dtype.element_ty
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_in = cols < C
-    at = n.to(tl.int64) * C + cols
+    n, cols, channel_in, at = _pass_block(C, BLOCK_C)
     center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     lim = _splat(limit, dtype)
     sum_gz = tl.zeros([BLOCK_C], dtype)
@@ -355,10 +356,7 @@ def _input_grad_kernel(g_ptr, x_ptr, dx_ptr, center_ptr, scale_ptr, offset_ptr, 
     """``dL/dx = gz * gamma / k + (x - mu_prev) * xc_coef + const`` (``gamma / k`` is ``scale``), ``gz`` as in
     ``_grad_sums_kernel``."""
     dtype = center_ptr.dtype.element_ty
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_in = cols < C
-    at = n.to(tl.int64) * C + cols
+    n, cols, channel_in, at = _pass_block(C, BLOCK_C)
     center, scale, offset = _z_coefficients(center_ptr, scale_ptr, offset_ptr, at, cols, channel_in)
     xc_coef = tl.load(xc_coef_ptr + at, mask=channel_in)[:, None]
     const = tl.load(const_ptr + at, mask=channel_in)[:, None]
