@@ -243,16 +243,12 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(x)
 
 
-class SEBlock(nn.Module):
-    """A residual block whose second conv's normalized output is gated by squeeze-and-excitation."""
+class ResidualBlock(nn.Module):
+    """``relu(body(x) + shortcut(x))``; the shortcut is the identity, or a 1x1 conv and a BatchNorm where the shape changes."""
 
-    def __init__(self, channels_in: int, channels_out: int, stride: int):
+    def __init__(self, body: nn.Module, channels_in: int, channels_out: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU(),
-            nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False), nn.BatchNorm2d(channels_out),
-            SqueezeExcite(channels_out),
-        )  # fmt: skip
+        self.body = body
         same = stride == 1 and channels_in == channels_out
         self.shortcut = nn.Identity() if same else nn.Sequential(
             nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
@@ -260,6 +256,18 @@ class SEBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
+
+
+class SEBlock(ResidualBlock):
+    """A residual block whose second conv's normalized output is gated by squeeze-and-excitation."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int):
+        body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False), nn.BatchNorm2d(channels_out), nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False), nn.BatchNorm2d(channels_out),
+            SqueezeExcite(channels_out),
+        )  # fmt: skip
+        super().__init__(body, channels_in, channels_out, stride)
 
 
 def se_resnet() -> nn.Module:
@@ -271,24 +279,17 @@ def se_resnet() -> nn.Module:
     )  # fmt: skip
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """torchvision's bottleneck (1x1 reduce, grouped 3x3, 1x1 expand), its last BatchNorm's gamma initialized to 0."""
 
     def __init__(self, channels_in: int, width: int, channels_out: int, stride: int, groups: int = 4):
-        super().__init__()
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             nn.Conv2d(channels_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out),
         )  # fmt: skip
-        nn.init.zeros_(self.body[-1].weight)  # zero_init_residual: each block starts as its shortcut
-        same = stride == 1 and channels_in == channels_out
-        self.shortcut = nn.Identity() if same else nn.Sequential(
-            nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
-        )  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        nn.init.zeros_(body[-1].weight)  # zero_init_residual: each block starts as its shortcut
+        super().__init__(body, channels_in, channels_out, stride)
 
 
 def bottleneck_resnet() -> nn.Module:
