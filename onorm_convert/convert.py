@@ -146,9 +146,9 @@ def convert(
         clamp_mode: ``"affine"`` (keeps a trained model's outputs) or ``"fixed"`` (the doc's).
         alpha_mode: ``"adaptive"`` (each layer's alpha_fwd, starting at ``alpha_fwd``, follows the drift
             its statistics see; :mod:`onorm_convert.layers.adaptive_alpha`) or ``"fixed"`` (the doc's).
-        projection: ``"batch"`` (in a batch of two samples or more, backward also removes the input
-            gradient's components that BatchNorm's gradient removes within the batch) or ``"none"``
-            (the doc's).
+        projection: ``"batch"`` (in a batch of two samples or more, the input gradient is BatchNorm's
+            projection, within the batch, of the gradient with the statistics held constant) or
+            ``"none"`` (the doc's controls).
         include, exclude: glob patterns over qualified module names; a shared module matches
             through any of its names.
         inplace: convert ``model`` itself. Its Parameter objects are kept, so an optimizer built

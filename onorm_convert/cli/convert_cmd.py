@@ -81,7 +81,7 @@ def convert(
         str,
         typer.Option(
             "--projection",
-            help="batch: in a batch of 2+ samples, backward also removes what BatchNorm's gradient removes; none: the doc's.",
+            help="batch: a batch of 2+ samples gets BatchNorm's projection of the input gradient; none: the doc's controls.",
         ),
     ] = ConvertOptions.projection,
     include: Annotated[

@@ -98,8 +98,8 @@ def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_b
 
     The contract of :func:`.native.backward`: the per-sample statistics are recomputed from ``x3``
     and the state before the batch, as the forward computed them, so nothing of them is kept
-    between the passes. ``project`` (``projection="batch"``): ``grad_x`` of two samples or more
-    by :func:`batch_projection`; u, v advance as the doc's either way.
+    between the passes. ``project`` (``projection="batch"``, which :mod:`.ops` gives a batch of two
+    or more): ``grad_x`` by :func:`batch_projection`; u, v advance as the doc's either way.
     """
     drift_prev, _, _, inv_k, d, s = _sample_statistics(x3, mean0, var0, alpha_fwd, eps)
     z_coefs = _z_coefficients(mean0, drift_prev, inv_k * gamma, offset)
@@ -107,7 +107,7 @@ def scan_backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_b
     control = STABLE if stable else EXACT
     stats = backward_statistics(sum_gz, sum_gz_xc, inv_k, d, s, gamma, u0, v0, alpha_bkw, x3.shape[2], control)
     grad_weight, grad_bias, u_last, v_last, xc_coef, const = stats
-    if project and len(x3) > 1:  # the means as their drift from mean0, as everything here
+    if project:  # the means as their drift from mean0, as everything here
         xc_coef, const = batch_projection(sum_gz, sum_gz_xc, z_coefs[2][:, :, 0], drift_prev + d, s, drift_prev, eps,
                                           x3.shape[2])  # fmt: skip
     grad_coefs = (z_coefs[2], xc_coef.unsqueeze(2), const.unsqueeze(2))  # gz * gamma / k + xc * ... + ...

@@ -59,7 +59,7 @@ inline A next_v(A v_prev, A mean_gy, A cb_mean_y2, int stable) {
     return stable ? (v_prev + mean_gy) / (1 + cb_mean_y2) : v_prev * (1 - cb_mean_y2) + mean_gy;
 }
 
-// projection="batch" (a batch of two or more): the input gradient is gz * grad - (x - mean(x)) * along_x - mean_grad,
+// project (projection="batch", which ops.py gives a batch of two or more): the input gradient is gz * grad - (x - mean(x)) * along_x - mean_grad,
 // BatchNorm's projection of the gradient with the statistics held constant (functional.batch_projection, whose
 // equations these are). One channel, from its n samples' values `stride` apart: the sums over the `count` positions
 // of gz and gz * (x - center), the gradient coefficient, the mean and biased variance (nullptr: 0), and the
@@ -119,7 +119,6 @@ void dense_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t cha
               const T* gamma, const T* beta, double alpha_fwd, double alpha_bkw, double eps, double limit, int stable,
               int project, T* u_io, T* v_io, T* grad_weight, T* grad_bias, int threads) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps, cb = 1 - alpha_bkw;
-    project = project && n > 1;
     for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         // projection: per sample and channel what batch_projection takes (a sample's one value is its mean, with
@@ -326,7 +325,6 @@ void spatial_backward(const T* grad, const T* x, T* grad_x, int64_t n, int64_t c
                       double alpha_bkw, double eps, double limit, int stable, int project, T* u_io, T* v_io,
                       T* grad_weight, T* grad_bias, int threads) {
     const int team = channels < threads ? int(channels) : threads;
-    project = project && n > 1;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t c = 0; c < channels; ++c) {
         RowChannel<T> ch(alpha_fwd, alpha_bkw, eps, limit, mean0[c], var0[c], gamma[c], beta[c]);
@@ -456,7 +454,6 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
                             const T* mean0, const T* var0, const T* gamma, const T* beta, double alpha_fwd,
                             double alpha_bkw, double eps, double limit, int stable, int project, T* u_io, T* v_io,
                             T* grad_weight, T* grad_bias, int threads) {
-    project = project && n > 1;
     for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
         ColumnBlock<T> blk(c0, c1, mean0, var0, gamma, beta, alpha_fwd, alpha_bkw, eps, limit);
         const int64_t w = blk.w;

@@ -77,8 +77,7 @@ def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw
 
     ``stable``: v advances by the implicit form of its recurrence (``control="stable"``, see
     :func:`.functional.backward_statistics`), else by the doc's step. ``project``
-    (``projection="batch"``): ``grad_x`` of two samples or more is
-    :func:`.functional.batch_projection`'s, from the same sums (its input-gradient pass waits for
+    (``projection="batch"``): ``grad_x`` is :func:`.functional.batch_projection`'s, from the same sums (its input-gradient pass waits for
     the batch's last sample).
     """
     layout = _layout(x3)

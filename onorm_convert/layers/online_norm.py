@@ -57,11 +57,12 @@ class OnlineNormBase(nn.Module):
     - ``alpha_mode="adaptive"``: alpha_fwd is state (buffer ``alpha_now``, starting at
       ``alpha_fwd``) that moves after each training call by the drift the statistics saw
       (:mod:`.adaptive_alpha`); each call is the doc's equations at the alpha it used.
-    - ``projection="batch"``: in a batch of two samples or more, backward then removes from the
-      input gradient, per channel, its components along the constant and along the centred
-      input within the batch (what BatchNorm's exact gradient removes, and the controls remove
-      only on average over the stream): :func:`.functional.project_within_batch`. A batch of one
-      sample gets the doc's gradient; the forward and the control state are the doc's either way.
+    - ``projection="batch"``: in a batch of two samples or more, the input gradient is the one with
+      the statistics held constant (``gz * gamma / k``, no controls), less per channel its
+      components along the constant and along the centred input within the batch: what
+      BatchNorm's exact gradient removes, and the controls remove only on average over the
+      stream (:func:`.functional.batch_projection`). A batch of one sample gets the doc's
+      gradient; the forward, the parameters' gradients and u, v are the doc's either way.
 
     A training step whose new state would be NaN/Inf (a bad input, or u/v running away until
     they overflow), raises :class:`OnlineNormStateError` naming the layer (``layer_name``,

@@ -222,8 +222,22 @@ def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
     alpha = _alpha(alpha_now, alpha_fwd)
-    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha, alpha_bkw, eps, limit, control == STABLE,
-            projection == BATCH)  # fmt: skip
+    # A batch of one keeps the doc's gradient: the fit over one sample would take a dense sample's gradient whole.
+    project = projection == BATCH and x.shape[0] > 1
+    args = (
+        mean,
+        var,
+        gamma,
+        offset,
+        u.to(dtype),
+        v.to(dtype),
+        alpha,
+        alpha_bkw,
+        eps,
+        limit,
+        control == STABLE,
+        project,
+    )
     grad_x, grad_weight, grad_bias, u_new, v_new = run.backward(g3, x3, *args)
     check_state(name, {"u_ctrl": u_new, "v_ctrl": v_new}, forward=False, control=control)
     return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, u_new, v_new

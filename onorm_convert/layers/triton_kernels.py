@@ -96,11 +96,10 @@ def backward(g3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw, e
 
     ``grad_x`` as :func:`forward`'s ``z`` (``x3``'s dtype and layout; ``g3`` may have others),
     the rest in ``mean0``'s dtype. ``stable``: v advances by the implicit form of its
-    recurrence (``control="stable"``). ``project``: ``projection="batch"``'s ``grad_x`` for two
-    samples or more (:func:`.functional.batch_projection`). The contract of
+    recurrence (``control="stable"``). ``project``: ``projection="batch"``'s ``grad_x``
+    (:func:`.functional.batch_projection`). The contract of
     :func:`.functional.scan_backward`.
     """
-    project = project and len(x3) > 1
     n, channels, positions = x3.shape
     mean0, var0, gamma, offset, u0, v0 = _per_channel(x3, mean0, var0, gamma, offset, u0, v0)
     grad_x = torch.empty_like(x3)
