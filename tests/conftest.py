@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner, Result
 
 from onorm_convert.cli import app
-from onorm_convert.layers import STATE_BUFFERS, native, ops
+from onorm_convert.layers import STATE_BUFFERS, native, online_norm, ops
 
 from reference import ReferenceOnlineNorm
 
@@ -82,6 +82,21 @@ def native_kernels(enabled: bool):
         yield
     finally:
         ops.set_backend(previous)
+
+
+# How a layer's training step runs: the fused passes of the native kernels or of the scans (eager), or the step
+# torch.compile and torch.export trace (ops.traced_step: the registered ops and the elementwise ops between them),
+# run eagerly on the native kernels' statistics and control.
+TRAINING_PATHS = ("native", "scan", "traced")
+
+
+@contextlib.contextmanager
+def training_path(path: str):
+    """Layers train by ``path`` (one of :data:`TRAINING_PATHS`; see :func:`native_kernels` for the first two)."""
+    with native_kernels(path != "scan"), pytest.MonkeyPatch.context() as patch:
+        if path == "traced":
+            patch.setattr(online_norm, "train_step", ops.traced_step)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from torch import nn
 from onorm_convert import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from onorm_convert.layers import STATE_BUFFERS
 
-from conftest import native_kernels
+from conftest import TRAINING_PATHS, native_kernels, training_path
 from reference import ReferenceOnlineNorm
 
 ALPHA_FWD, ALPHA_BKW = 0.9, 0.8  # far from 1 so that three steps move the state visibly
@@ -55,7 +55,7 @@ def _reference_for(layer):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("ecm", ["clamp", "layer_scaling", "none"])
 @pytest.mark.parametrize("kind", list(SHAPES))
-@pytest.mark.parametrize("path", ["native", "scan"])
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, dtype):
     torch.manual_seed(
         zlib.crc32(f"{kind}-{ecm}-{affine}-{batch}".encode())
@@ -69,7 +69,7 @@ def test_training_matches_per_sample_reference(path, kind, ecm, affine, batch, d
         x = x.contiguous(memory_format=MEMORY_FORMATS.get(kind, torch.contiguous_format)).requires_grad_(True)
         grad_out = torch.randn(x.shape, dtype=torch.float64).to(dtype)
         layer.zero_grad()
-        with native_kernels(path == "native"):
+        with training_path(path):
             out = layer(x)
             out.backward(grad_out)
         ref_out, ref_grad_x, ref_grad_w, ref_grad_b = reference.train_step(x.detach().double(), grad_out.double())
@@ -213,15 +213,16 @@ def test_inplace_relu_after_the_layer_trains_and_keeps_the_gradient(ecm):
 @pytest.mark.parametrize("path", ["native", "scan"])
 @pytest.mark.slow
 def test_compiled_layer_matches_eager(path, layout):
-    """Under torch.compile (TorchInductor) the layer's registered op computes what the eager layer computes,
-    on either implementation: outputs, gradients and all four state buffers over two steps."""
+    """Under torch.compile (TorchInductor) the layer's traced step computes what the eager layer computes,
+    on either implementation: outputs, gradients and all four state buffers over two steps, in float64 (the
+    compiled graph sums in its own order and precision: float32 would hide a wrong term under rounding)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = (torch.randn(8, 6, 5, 5) * 2 + 1).contiguous(memory_format=memory_format)
-    grad = torch.randn(8, 6, 5, 5)
+    x = (torch.randn(8, 6, 5, 5, dtype=torch.float64) * 2 + 1).contiguous(memory_format=memory_format)
+    grad = torch.randn(8, 6, 5, 5, dtype=torch.float64)
     results = {}
     for compiled in (False, True):
-        layer = OnlineNorm2d(6, alpha_fwd=0.9, clamp_value=1.5)
+        layer = OnlineNorm2d(6, alpha_fwd=0.9, clamp_value=1.5).double()
         run = torch.compile(layer, fullgraph=True) if compiled else layer
         with native_kernels(path == "native"):
             for _ in range(2):
@@ -230,7 +231,7 @@ def test_compiled_layer_matches_eager(path, layout):
                 out.backward(grad)
         results[compiled] = (out.detach(), x_in.grad, layer.weight.grad, *(getattr(layer, n) for n in STATE_BUFFERS))
     for eager, compiled_result in zip(results[False], results[True]):
-        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 2)], ids=["dense", "2d"])

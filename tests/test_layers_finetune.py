@@ -22,13 +22,14 @@ from onorm_convert.layers import OnlineNormStateError
 from onorm_convert.layers.functional import check_state
 
 from conftest import (
+    TRAINING_PATHS,
     assert_matches,
     assert_no_worse_than_loop,
     layer_step,
-    native_kernels,
     reference_of,
     reference_step,
     state_of,
+    training_path,
 )
 from reference import ReferenceOnlineNorm
 
@@ -39,7 +40,6 @@ KINDS = {  # (layer class, per-sample shape, memory format)
     "2d": (OnlineNorm2d, (4, 3, 3), torch.contiguous_format),
     "2d-channels-last": (OnlineNorm2d, (4, 3, 3), torch.channels_last),
 }
-PATHS = ["native", "scan"]
 
 
 def _layer(cls, channels, var_range=(0.5, 2.0), **options):
@@ -69,7 +69,7 @@ def _batch(shape, memory_format, scale=2.0):
 
 @pytest.mark.parametrize("batch", [1, 5, 37])  # 37: the scans' blocks of 16 and a partial one
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_stable_control_matches_its_per_sample_reference(path, kind, batch):
     torch.manual_seed(batch + len(kind))
     cls, sample_shape, memory_format = KINDS[kind]
@@ -78,7 +78,7 @@ def test_stable_control_matches_its_per_sample_reference(path, kind, batch):
     stable, exact = _reference(layer, layer.clamp_bound, "stable"), _reference(layer, layer.clamp_bound, "exact")
     for step in range(3):
         x, grad = _batch((batch, *sample_shape), memory_format)
-        with native_kernels(path == "native"):
+        with training_path(path):
             actual = layer_step(layer, x, grad)
         expected = reference_step(stable, x, grad)
         assert_matches(actual, expected, rtol=1e-10, context=f"{path} {kind} step {step}")
@@ -88,7 +88,7 @@ def test_stable_control_matches_its_per_sample_reference(path, kind, batch):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_affine_clamp_matches_the_reference_with_the_bound_from_beta_and_gamma(path, kind):
     torch.manual_seed(len(kind))
     cls, sample_shape, memory_format = KINDS[kind]
@@ -99,7 +99,7 @@ def test_affine_clamp_matches_the_reference_with_the_bound_from_beta_and_gamma(p
     beyond_fixed = 0
     for step in range(3):
         x, grad = _batch((16, *sample_shape), memory_format, scale=6.0)
-        with native_kernels(path == "native"):
+        with training_path(path):
             actual = layer_step(layer, x, grad)
         assert_matches(actual, reference_step(reference, x, grad), rtol=1e-10, context=f"{path} {kind} step {step}")
         beyond_fixed += int((actual["out"].abs() > 1.5).sum())
@@ -109,7 +109,7 @@ def test_affine_clamp_matches_the_reference_with_the_bound_from_beta_and_gamma(p
 
 @pytest.mark.parametrize("batch", [1, 2, 37])
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_batch_projection_matches_its_per_sample_reference(path, kind, batch):
     torch.manual_seed(batch + 3 * len(kind))
     cls, sample_shape, memory_format = KINDS[kind]
@@ -118,7 +118,7 @@ def test_batch_projection_matches_its_per_sample_reference(path, kind, batch):
     plain = _reference(layer, layer.clamp_bound, "stable")
     for step in range(3):
         x, grad = _batch((batch, *sample_shape), memory_format)
-        with native_kernels(path == "native"):
+        with training_path(path):
             actual = layer_step(layer, x, grad)
         expected, doc = reference_step(projected, x, grad), reference_step(plain, x, grad)
         assert_matches(actual, expected, rtol=1e-10, context=f"{path} {kind} step {step}")
@@ -139,7 +139,7 @@ def test_batch_projection_matches_its_per_sample_reference(path, kind, batch):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_batch_projection_in_float32_is_as_accurate_as_a_float32_loop(path, kind):
     """The fit subtracts most of the gradient: float32 may lose digits there, but no more than the plain loop does."""
     torch.manual_seed(7 + len(kind))
@@ -148,7 +148,7 @@ def test_batch_projection_in_float32_is_as_accurate_as_a_float32_loop(path, kind
     reference, loop = reference_of(layer), reference_of(layer, torch.float32)
     for step in range(3):
         x, grad = (t.float() for t in _batch((16, *sample_shape), memory_format))
-        with native_kernels(path == "native"):
+        with training_path(path):
             actual = layer_step(layer, x.contiguous(memory_format=memory_format), grad)
         expected, in_float32 = reference_step(reference, x, grad), reference_step(loop, x, grad)
         assert_no_worse_than_loop(actual, expected, in_float32, 10, 1e-6, f"{path} {kind} step {step}")
@@ -173,14 +173,14 @@ def test_unknown_modes_are_refused():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_a_non_finite_input_raises_naming_the_layer_and_keeps_its_state(path, bad):
     model = convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))).train()
     before = state_of(model[1])
     x = torch.randn(4, 2, 5, 5)
     x[2, 1, 0, 0] = bad
     with (
-        native_kernels(path == "native"),
+        training_path(path),
         pytest.raises(OnlineNormStateError, match=r"layer '1': running_mean became NaN/Inf"),
     ):
         model(x)
@@ -200,11 +200,11 @@ def _runaway_setting(control: str):
     return layer, torch.randn(16, 3, 5) * 10, torch.randn(16, 3, 5)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_a_runaway_control_raises_naming_the_fix_and_keeps_the_state(path):
     layer, x, grad = _runaway_setting("exact")
     before = state_of(layer)
-    with native_kernels(path == "native"), pytest.raises(OnlineNormStateError) as raised:
+    with training_path(path), pytest.raises(OnlineNormStateError) as raised:
         layer_step(layer, x, grad)
     message = str(raised.value)
     assert "OnlineNorm1d(3)" in message and "_ctrl became NaN/Inf in a training backward" in message
@@ -212,10 +212,10 @@ def test_a_runaway_control_raises_naming_the_fix_and_keeps_the_state(path):
     assert torch.equal(layer.u_ctrl, before["u_ctrl"]) and torch.equal(layer.v_ctrl, before["v_ctrl"])
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_the_stable_control_stays_bounded_where_the_exact_one_runs_away(path):
     layer, x, grad = _runaway_setting("stable")
-    with native_kernels(path == "native"):
+    with training_path(path):
         layer_step(layer, x, grad)
     assert torch.isfinite(layer.v_ctrl).all()
     # Each sample adds |mean(g y)| / (1 + cb m2) <= rms(g) sqrt(m2) / (1 + cb m2) <= rms(g) / (2 sqrt(cb)), cb = 1 - a_b,

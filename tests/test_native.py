@@ -265,7 +265,8 @@ def test_a_compiler_without_openmp_builds_once_and_then_reuses_it(tmp_path):
 @needs_compiler
 @pytest.mark.slow
 def test_inside_a_compiled_model_the_layer_traces_and_agrees():
-    """torch.compile of a model traces the registered op, which keeps the native kernels: the same results."""
+    """torch.compile of a model traces the registered ops, which keep the native kernels (the statistics and the
+    control; the compiler writes the elementwise passes): the same results."""
     torch.manual_seed(0)
     x, grad_out = torch.randn(16, 8), torch.randn(16, 8)
     results = []

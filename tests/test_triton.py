@@ -267,29 +267,21 @@ def test_per_channel_tensors_of_the_wrong_size_are_refused_not_overrun(kernels):
     ((6, 4), torch.float32, torch.contiguous_format),
     ((5, 3, 4, 4), torch.bfloat16, torch.channels_last),
 ])  # fmt: skip
-def test_the_registered_ops_pass_opcheck_on_the_triton_kernels(shape, dtype, memory_format):
-    """The fake ops promise what the kernels return (dtype, layout), eager and under AOT dispatch."""
+def test_the_traced_ops_pass_opcheck_beside_the_triton_kernels(shape, dtype, memory_format):
+    """Under ONORM_BACKEND=triton the traced ops (the scans' statistics and control) promise what they return
+    (float32 statistics of half-precision activations), eager and under AOT dispatch."""
     torch.manual_seed(8)
     channels = shape[1]
     x = (torch.randn(shape) * 2 + 0.5).to(dtype).contiguous(memory_format=memory_format).to(DEVICE)
-    weight, bias = (torch.randn(channels, device=DEVICE) for _ in range(2))
     mean, u, v = (torch.randn(channels, device=DEVICE) * 0.1 for _ in range(3))
     var = torch.rand(channels, device=DEVICE) + 0.5
-    settings = (
-        0.9,
-        1.0,
-        1e-5,
-        1.5,
-        "fixed",
-        "exact",
-        "batch",
-    )  # alpha_bkw = 1: repeated backwards agree (see test_ops)
     alpha_now = torch.tensor(0.95, device=DEVICE)  # an adaptive layer's
-    forward_args = (x.requires_grad_(True), weight.requires_grad_(True), bias, mean, var, u, v, alpha_now, *settings,
-                    dtype, "l")  # fmt: skip
-    torch.library.opcheck(ops.train_forward, forward_args)
-    backward_args = (torch.randn_like(x), x.detach(), weight.detach(), bias, mean, var, u, v, alpha_now, *settings, "l")
-    torch.library.opcheck(ops.train_backward, backward_args)
+    settings = (0.9, 1.0, 1e-5, "exact", "batch", "l")  # alpha_bkw = 1: repeated backwards agree (see test_ops)
+    torch.library.opcheck(ops.train_statistics, (x.requires_grad_(True), mean, var, u, v, alpha_now, *settings))
+    center, inv_k, d, s, _, _ = ops.train_statistics(x.detach(), mean, var, u, v, alpha_now, *settings)
+    sums = (torch.randn_like(d), torch.randn_like(d))
+    control_args = (*sums, center, inv_k, d, s, u, v, 0.8, 1e-5, x[0, 0].numel(), "exact", True, "l")
+    torch.library.opcheck(ops.train_control, control_args)
 
 
 @pytest.mark.slow

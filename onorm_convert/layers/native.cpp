@@ -547,6 +547,122 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
     });
 }
 
+// The traced step (ops.py, under torch.compile): the forward's per-sample statistics alone, which the compiled graph
+// turns into z itself, and the backward's control alone, from the sums of g = gamma * gz that the graph takes.
+// Per sample t and channel c (index t * C + c): the center mu_prev, 1 / k, d = m - mu_prev and the biased variance s.
+template <typename T>
+void dense_statistics(const T* x, int64_t n, int64_t channels, const T* mean0, const T* var0, double alpha_fwd,
+                      double eps, T* center, T* inv_k, T* d_out, T* s_out, T* mean_out, T* var_out, int threads) {
+    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
+    for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
+        const int64_t w = c1 - c0;
+        std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
+        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data();
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t at = t * channels + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+                const A d = (A(x[at + j]) - mu0[j]) - dr[j];
+                center[at + j] = T(mu0[j] + dr[j]);
+                inv_k[at + j] = T(1 / std::sqrt(vr[j] + e));
+                d_out[at + j] = T(d);
+                s_out[at + j] = T(0);
+                vr[j] = a * vr[j] + ab * (d * d);
+                dr[j] += b * d;
+            }
+        }
+        for (int64_t j = 0; j < w; ++j) {
+            mean_out[c0 + j] = T(mu0[j] + dr[j]);
+            var_out[c0 + j] = T(vr[j]);
+        }
+    });
+}
+
+template <typename T>
+void spatial_statistics(const T* x, int64_t n, int64_t channels, int64_t positions, const T* mean0, const T* var0,
+                        double alpha_fwd, double eps, T* center, T* inv_k, T* d_out, T* s_out, T* mean_out,
+                        T* var_out, int threads) {
+    const int team = channels < threads ? int(channels) : threads;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t c = 0; c < channels; ++c) {
+        RowChannel<T> ch(alpha_fwd, 0, eps, 0, mean0[c], var0[c], 1, 0);
+        for (int64_t t = 0; t < n; ++t) {
+            const auto st = ch.step(x + (t * channels + c) * positions, positions);
+            const int64_t i = t * channels + c;
+            center[i] = st.center;
+            inv_k[i] = T(st.inv_k);
+            d_out[i] = T(st.d);
+            s_out[i] = T(st.s);
+            ch.advance(st);
+        }
+        mean_out[c] = T(A(ch.m0) + ch.drift);
+        var_out[c] = T(ch.var);
+    }
+}
+
+template <typename T>
+void channels_last_statistics(const T* x, int64_t n, int64_t channels, int64_t positions, const T* mean0,
+                              const T* var0, double alpha_fwd, double eps, T* center, T* inv_k, T* d_out, T* s_out,
+                              T* mean_out, T* var_out, int threads) {
+    const std::vector<T> ones(channels, T(1));  // gamma and beta, unused: the blocks' statistics only
+    for_channel_blocks(channels, channels_last_width(channels, threads), threads, [&](int64_t c0, int64_t c1) {
+        ColumnBlock<T> blk(c0, c1, mean0, var0, ones.data(), ones.data(), alpha_fwd, 0, eps, 0);
+        for (int64_t t = 0; t < n; ++t) {
+            blk.step(x + t * positions * channels + c0, positions, channels);
+            for (int64_t j = 0; j < blk.w; ++j) {
+                const int64_t i = t * channels + c0 + j;
+                center[i] = blk.center[j];
+                inv_k[i] = T(blk.inv_k[j]);
+                d_out[i] = T(blk.d[j]);
+                s_out[i] = T(blk.sv[j]);
+            }
+            blk.advance();
+        }
+        for (int64_t j = 0; j < blk.w; ++j) {
+            mean_out[c0 + j] = T(A(blk.m0[j]) + blk.drift[j]);
+            var_out[c0 + j] = T(blk.var[j]);
+        }
+    });
+}
+
+// The control alone, for (N, C) per-sample sums of g and g * (x - mu_prev) over `count` positions (gamma folded
+// into g): u, v advance, and dL/dx = g / k + (x - mu_prev) * xc_coef + constant (the first term the graph's own).
+// project: the coefficients of batch_projection's gradient instead (u, v advance as the doc's either way).
+template <typename T>
+void control(const T* sum_g, const T* sum_g_xc, const T* center, const T* inv_k, const T* d, const T* s, int64_t n,
+             int64_t channels, double count, double alpha_bkw, double eps, int stable, int project, T* u_io, T* v_io,
+             T* xc_coef, T* constant, int threads) {
+    const A keep = alpha_bkw, cb = 1 - alpha_bkw;
+    for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
+        // projection: one channel's samples as batch_projection reads them, contiguous.
+        std::vector<A> g(project ? n : 0), g_xc(g.size()), coef(g.size()), m(g.size()), sv(g.size()), cn(g.size());
+        for (int64_t c = c0; c < c1; ++c) {
+            A u = u_io[c], v = v_io[c], unused_gy = 0, unused_g = 0;
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t i = t * channels + c;
+                const InputGrad<T> coefs = control_step<T>(sum_g[i], sum_g_xc[i], s[i], d[i], inv_k[i], 1, count,
+                                                           keep, cb, stable, u, v, unused_gy, unused_g);
+                xc_coef[i] = coefs.xc;
+                constant[i] = coefs.constant;
+                if (project) {
+                    g[t] = sum_g[i], g_xc[t] = sum_g_xc[i], coef[t] = inv_k[i];
+                    cn[t] = center[i], m[t] = A(center[i]) + A(d[i]), sv[t] = s[i];
+                }
+            }
+            if (project) {
+                const Projection pr = batch_projection(g.data(), g_xc.data(), coef.data(), m.data(), sv.data(),
+                                                       cn.data(), n, 1, count, eps);
+                for (int64_t t = 0; t < n; ++t) {
+                    xc_coef[t * channels + c] = T(-pr.along_x);
+                    constant[t * channels + c] = T(pr.constant(cn[t]));
+                }
+            }
+            u_io[c] = T(u);
+            v_io[c] = T(v);
+        }
+    });
+}
+
 }  // namespace
 
 #define ONORM_EXPORT(T, SUFFIX)                                                                                      \
@@ -585,3 +701,32 @@ ONORM_EXPORT_ROWS(float, f32, spatial)
 ONORM_EXPORT_ROWS(double, f64, spatial)
 ONORM_EXPORT_ROWS(float, f32, channels_last)
 ONORM_EXPORT_ROWS(double, f64, channels_last)
+
+#define ONORM_EXPORT_TRACED(T, SUFFIX)                                                                                \
+    extern "C" void onorm_dense_statistics_##SUFFIX(const T* x, int64_t n, int64_t c, const T* mean0, const T* var0, \
+                                                    double alpha_fwd, double eps, T* center, T* inv_k, T* d, T* s,   \
+                                                    T* mean_out, T* var_out, int threads) {                          \
+        dense_statistics(x, n, c, mean0, var0, alpha_fwd, eps, center, inv_k, d, s, mean_out, var_out, threads);    \
+    }                                                                                                                 \
+    extern "C" void onorm_spatial_statistics_##SUFFIX(const T* x, int64_t n, int64_t c, int64_t p, const T* mean0,   \
+                                                      const T* var0, double alpha_fwd, double eps, T* center,        \
+                                                      T* inv_k, T* d, T* s, T* mean_out, T* var_out, int threads) {  \
+        spatial_statistics(x, n, c, p, mean0, var0, alpha_fwd, eps, center, inv_k, d, s, mean_out, var_out,         \
+                           threads);                                                                                  \
+    }                                                                                                                 \
+    extern "C" void onorm_channels_last_statistics_##SUFFIX(                                                          \
+        const T* x, int64_t n, int64_t c, int64_t p, const T* mean0, const T* var0, double alpha_fwd, double eps,     \
+        T* center, T* inv_k, T* d, T* s, T* mean_out, T* var_out, int threads) {                                      \
+        channels_last_statistics(x, n, c, p, mean0, var0, alpha_fwd, eps, center, inv_k, d, s, mean_out, var_out,   \
+                                 threads);                                                                            \
+    }                                                                                                                 \
+    extern "C" void onorm_control_##SUFFIX(const T* sum_g, const T* sum_g_xc, const T* center, const T* inv_k,      \
+                                           const T* d, const T* s, int64_t n, int64_t c, double count,               \
+                                           double alpha_bkw, double eps, int stable, int project, T* u_io, T* v_io,  \
+                                           T* xc_coef, T* constant, int threads) {                                   \
+        control(sum_g, sum_g_xc, center, inv_k, d, s, n, c, count, alpha_bkw, eps, stable, project, u_io, v_io,     \
+                xc_coef, constant, threads);                                                                          \
+    }
+
+ONORM_EXPORT_TRACED(float, f32)
+ONORM_EXPORT_TRACED(double, f64)

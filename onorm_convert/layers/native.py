@@ -48,6 +48,11 @@ _SIGNATURES = {
     "onorm_spatial_forward": [_P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _P, _P, ctypes.c_int],
     "onorm_spatial_backward": [_P, _P, _P, _N, _N, _N, _P, _P, _P, _P, _F, _F, _F, _F, ctypes.c_int, ctypes.c_int, _P, _P, _P,
                                _P, ctypes.c_int],
+    # The traced step's two kernels (ops.py): the forward's per-sample statistics, the backward's control.
+    "onorm_dense_statistics": [_P, _N, _N, _P, _P, _F, _F, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_spatial_statistics": [_P, _N, _N, _N, _P, _P, _F, _F, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    "onorm_control": [_P, _P, _P, _P, _P, _P, _N, _N, _F, _F, _F, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+                      ctypes.c_int],
 }
 # fmt: on
 _SIGNATURES.update(
@@ -89,6 +94,36 @@ def backward(grad3, x3, mean0, var0, gamma, offset, u0, v0, alpha_fwd, alpha_bkw
     _call(f"onorm_{layout}_backward", grad, x, grad_x, *_sizes(layout, x3), mean0, var0, gamma, offset,
           alpha_fwd, alpha_bkw, eps, limit, int(stable), int(project), u_last, v_last, grad_weight, grad_bias)  # fmt: skip
     return _from_kernel(layout, grad_x, x3), grad_weight, grad_bias, u_last, v_last
+
+
+def statistics(x3, mean0, var0, alpha_fwd: float, eps: float):
+    """The training forward's statistics of ``(N, C, S)`` activations: ``(center, inv_k, d, s, mean_last, var_last)``.
+
+    The contract of :func:`.functional.scan_statistics`: per sample and channel (each ``(N, C)``)
+    mu_prev, ``1 / k``, ``d = m - mu_prev`` and the biased variance; the state after the batch.
+    """
+    layout = _layout(x3)
+    x = _to_kernel(layout, x3)
+    mean0, var0 = _per_channel(x3, mean0, var0)
+    per_sample = [x.new_empty(x3.shape[:2]) for _ in range(4)]
+    mean_last, var_last = torch.empty_like(mean0), torch.empty_like(var0)
+    _call(f"onorm_{layout}_statistics", x, *_sizes(layout, x3), mean0, var0, alpha_fwd, eps, *per_sample, mean_last,
+          var_last)  # fmt: skip
+    return *per_sample, mean_last, var_last
+
+
+def control(sum_g, sum_g_xc, center, inv_k, d, s, u0, v0, alpha_bkw: float, eps: float, count: int, stable: bool,
+            project: bool):  # fmt: skip
+    """The training backward's control from per-sample sums: ``(xc_coef, const, u_last, v_last)``.
+
+    The contract of :func:`.functional.scan_control`.
+    """
+    per_sample = [t.contiguous() for t in (sum_g, sum_g_xc, center, inv_k, d, s)]
+    u_last, v_last = (t.clone() for t in _per_channel(sum_g, u0, v0))  # advanced in place by the kernel
+    xc_coef, const = torch.empty_like(per_sample[0]), torch.empty_like(per_sample[0])
+    _call("onorm_control", *per_sample, *sum_g.shape, float(count), alpha_bkw, eps, int(stable), int(project), u_last,
+          v_last, xc_coef, const)  # fmt: skip
+    return xc_coef, const, u_last, v_last
 
 
 def _layout(x3: Tensor) -> str:

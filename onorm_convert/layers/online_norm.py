@@ -16,6 +16,7 @@ from .functional import (
     LAYER_SCALING,
     NONE,
     PROJECTIONS,
+    clamp_bound,
     clamp_limit,
     frozen_affine,
     layer_scale,
@@ -203,12 +204,14 @@ class OnlineNormBase(nn.Module):
         state = (self.running_mean, self.running_var, self.u_ctrl, self.v_ctrl, self.alpha_now if adaptive else None)
         settings = (self.alpha_fwd, self.alpha_bkw, self.eps, clamp_value, self.clamp_mode, self.control, self.projection,
                     z_dtype, name)  # fmt: skip
-        z, mean, var, _ = train_step(x, self.weight, self.bias, *state, *settings)
+        z, mean, var = train_step(x, self.weight, self.bias, *state, *settings)
         with torch.no_grad():
             if adaptive:
                 alpha_next, shift = adapted_alpha(self.alpha_now, self.last_shift, self.running_mean, self.running_var, mean,
                                                   self.eps, x.shape[0])  # fmt: skip
-                self.alpha_now.copy_(alpha_next)
+                # Not alpha_now.copy_(): compiled (torch 2.13, Inductor, CPU), a copy_ into a 0-dim float64 buffer is
+                # lost, as if the buffer were a Python float (a float64 layer's alpha would never move).
+                self.alpha_now[...] = alpha_next
                 self.last_shift.copy_(shift)
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
@@ -216,9 +219,7 @@ class OnlineNormBase(nn.Module):
 
     def _frozen_clamp(self) -> float | Tensor:
         """:attr:`clamp_bound`, as a tensor in ``"affine"`` mode (no host sync; traceable)."""
-        if self.clamp_mode == FIXED or not self.affine:
-            return self.clamp_value
-        return (self.bias.abs() + self.clamp_value * self.weight.abs()).max().detach()
+        return clamp_bound(self.clamp_value, self.clamp_mode, self.weight, self.bias)
 
     def frozen_forward(self, x: Tensor, clamp: float | Tensor | None) -> Tensor:
         """Eval-mode output before layer scaling: frozen statistics, affine, optional clamp."""

@@ -1,23 +1,30 @@
-"""The training step as registered ops, and which implementation computes it.
+"""The training step: eager on fused kernels, traced as registered ops; and which implementation computes it.
 
-Two functional ops, which ``torch.compile`` and ``torch.export`` trace as single nodes:
+Eager (:func:`train_step` outside tracing), an autograd Function runs the fused passes of an
+implementation: the whole forward in one call, the whole backward in another (the native kernels
+read the activations once each way). Dispatching a Python custom op costs tens of microseconds
+per step, which the dense layer, already bound by per-call overhead, would feel.
 
-- ``onorm::train_forward(x, weight, bias, mean, var, u, v, alpha_now, <settings>) -> (z, mean_new, var_new, before)``;
-- ``onorm::train_backward(grad_z, x, weight, bias, mean, var, u, v, alpha_now, <settings>)
-  -> (grad_x, grad_weight, grad_bias, u_new, v_new)``, the backward of the first (with the setting
-  ``projection="batch"``, ``grad_x`` of a batch of two or more is :func:`.functional.batch_projection`'s).
+Traced (``torch.compile``, ``torch.export``), the step is two registered functional ops with
+the elementwise work between them left to the compiler:
 
+- ``onorm::train_statistics(x, mean, var, u, v, alpha_now, <settings>) -> (center, inv_k, d, s, mean_new, var_new)``:
+  the forward's per-sample statistics (each ``(N, C)``) and the new state;
+- the graph computes ``z = clamp((x - center) * inv_k * gamma + beta)``, so the compiler fuses
+  it with what follows (a ReLU's mask is recomputed from the conv's output, as for BatchNorm,
+  instead of stored), and differentiates it: ``gz * gamma / k``, and the gradients of
+  ``center`` and ``inv_k``, which are the per-sample sums of ``g = gamma * gz`` and ``g * (x - center)``;
+- the first op's autograd formula calls
+  ``onorm::train_control(sum_g, sum_g_xc, center, inv_k, d, s, u, v, <settings>) -> (xc_coef, const, u_new, v_new)``,
+  the backward's u/v update, writes ``u_new``/``v_new`` into ``u``/``v`` (the buffers it was
+  given) and adds ``(x - center) * xc_coef + const`` to x's gradient (with ``projection="batch"``,
+  a batch of two or more gets :func:`.functional.batch_projection`'s coefficients instead).
+
+The caller writes ``mean_new`` and ``var_new`` into its buffers ``mean``/``var``. Neither op
+mutates an input. A new state that is not finite raises
+:class:`.functional.OnlineNormStateError` from inside the op that computes it, before anything is written.
 ``alpha_now`` is an adaptive layer's forward decay (a 0-dim tensor, :mod:`.adaptive_alpha`),
-None for a fixed one, whose ``alpha_fwd`` is among the settings.
-
-The caller writes ``mean_new`` and ``var_new`` into its buffers ``mean``/``var``; the first
-op's autograd formula gives the second ``before`` (a copy of ``mean`` and ``var`` as they
-were, stacked, with an adaptive layer's alpha as a third row: an op's output, which a compiler
-cannot replace by the buffer it copies) and
-writes ``u_new``/``v_new`` into ``u``/``v`` (the buffers it was given) when backward runs.
-Neither op mutates an input.
-A new state that is not finite raises :class:`.functional.OnlineNormStateError` from
-inside the op, before anything is written.
+None for a fixed one, whose ``alpha_fwd`` is among the settings; the ops read it when they run.
 
 The implementation, chosen by the backend that the environment variable ``ONORM_BACKEND`` names
 (read once) and :func:`implementation` applies per tensor:
@@ -30,22 +37,19 @@ The implementation, chosen by the backend that the environment variable ``ONORM_
 - ``triton``: CUDA tensors on the Triton kernels, the scans elsewhere; or, with
   ``TRITON_INTERPRET=1`` set before first use, CPU tensors instead, on the same kernels run by
   Triton's interpreter (slow: for testing them without a GPU). An error where triton does
-  not import, or where there is neither a CUDA device nor the interpreter;
+  not import, or where there is neither a CUDA device nor the interpreter. The traced ops take
+  the scans' statistics and control (cheap, per-sample work; the compiler writes the rest);
 - ``scans``: the scans everywhere.
 
 A choice that cannot run here is a :class:`BackendError`, not a fallback. :func:`set_backend`
 changes the choice in-process, for tests and debugging.
-
-Eager calls skip the dispatcher: :func:`train_step` runs the same implementations through an
-autograd Function (dispatching a Python custom op costs tens of microseconds per step, which
-the dense layer, already bound by per-call overhead, would feel), and calls the op only while
-``torch.compile`` or ``torch.export`` traces it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -60,9 +64,12 @@ from .functional import (
     STABLE,
     as_channels_by_positions,
     check_state,
+    clamp_bound,
     clamp_limit,
     scan_backward,
+    scan_control,
     scan_forward,
+    scan_statistics,
     stat_dtype,
 )  # fmt: skip
 
@@ -75,21 +82,26 @@ class BackendError(RuntimeError):
 
 
 class Implementation(NamedTuple):
-    """One implementation of the training passes, with the contract of :func:`.functional.scan_forward` and
-    :func:`.functional.scan_backward`.
+    """One implementation of the training passes.
 
-    ``reads_any_float``: it takes activations in their own dtype (half precision too) and
-    computes in the statistics dtype; else they are converted to the statistics dtype first.
+    ``forward``, ``backward``: the fused passes of the eager step, with the contract of
+    :func:`.functional.scan_forward` and :func:`.functional.scan_backward`; ``statistics``,
+    ``control``: the traced step's, with that of :func:`.functional.scan_statistics` and
+    :func:`.functional.scan_control`. ``reads_any_float``: its fused passes take activations in
+    their own dtype (half precision too) and compute in the statistics dtype; else they are
+    converted to the statistics dtype first.
     """
 
     name: str
     forward: Callable
     backward: Callable
+    statistics: Callable
+    control: Callable
     reads_any_float: bool
 
 
-_SCANS = Implementation(SCANS, scan_forward, scan_backward, False)
-_NATIVE = Implementation(NATIVE, native.forward, native.backward, False)
+_SCANS = Implementation(SCANS, scan_forward, scan_backward, scan_statistics, scan_control, False)
+_NATIVE = Implementation(NATIVE, native.forward, native.backward, native.statistics, native.control, False)
 
 # The backend's name and its implementation per device type (the scans for any other), resolved on
 # first use: choosing "native" may build the kernels (seconds).
@@ -165,7 +177,8 @@ def _triton() -> dict[str, Implementation]:
     if device == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"{unavailable}: no CUDA device, and the kernels were compiled, not interpreted "
                            "(TRITON_INTERPRET=1 was set only after their module was imported)")  # fmt: skip
-    return {device: Implementation(TRITON, triton_kernels.forward, triton_kernels.backward, True)}
+    return {device: Implementation(TRITON, triton_kernels.forward, triton_kernels.backward, scan_statistics,
+                                   scan_control, True)}  # fmt: skip
 
 
 def _without_autocast(function):
@@ -188,30 +201,29 @@ def _alpha(alpha_now: Tensor | None, alpha_fwd: float) -> float:
     return alpha_fwd if alpha_now is None else float(alpha_now)
 
 
-@_without_autocast
-def forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype, name):
-    """``(z, mean_new, var_new, before)``: ``z`` shaped as ``x`` in ``out_dtype``; the new state, and ``(mean, var)``
-    stacked, in the statistics dtype, with an adaptive layer's ``alpha_now`` as a third row.
+# ---- The eager step: an implementation's fused passes -------------------------------------------
 
-    Backward reads the alpha from there, an output of the op: a compiler may recompute a copy
-    of the layer's ``alpha_now`` in backward from the buffer, which forward has moved on by then.
-    """
+
+@_without_autocast
+def forward_impl(x, weight, bias, mean, var, alpha, eps, clamp_value, clamp_mode, out_dtype, name):
+    """``(z, mean_new, var_new)`` at forward decay ``alpha``: ``z`` shaped as ``x`` in ``out_dtype``, the new state
+    in the statistics dtype."""
     dtype = stat_dtype(x, mean)
     run = implementation(x)
     x3 = as_channels_by_positions(x, _activations_dtype(run, x, out_dtype, dtype))
     mean, var = mean.to(dtype), var.to(dtype)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    z, mean_new, var_new = run.forward(x3, mean, var, gamma, offset, _alpha(alpha_now, alpha_fwd), eps, limit)
+    z, mean_new, var_new = run.forward(x3, mean, var, gamma, offset, alpha, eps, limit)
     check_state(name, {"running_mean": mean_new, "running_var": var_new}, forward=True)
-    before = (mean, var) if alpha_now is None else (mean, var, alpha_now.to(dtype).expand(mean.shape))
-    return z.reshape(x.shape).to(out_dtype), mean_new, var_new, torch.stack(before)
+    return z.reshape(x.shape).to(out_dtype), mean_new, var_new
 
 
 @_without_autocast
-def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value,
-                  clamp_mode, control, projection, name):  # fmt: skip
-    """``(grad_x, grad_weight, grad_bias, u_new, v_new)``: ``grad_x`` as ``x``, the rest in the statistics dtype.
+def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha, alpha_bkw, eps, clamp_value, clamp_mode, control,
+                  projection, name):  # fmt: skip
+    """``(grad_x, grad_weight, grad_bias, u_new, v_new)`` of the step :func:`forward_impl` took from state ``mean``,
+    ``var``: ``grad_x`` as ``x``, the rest in the statistics dtype.
 
     Without an affine, ``grad_weight``/``grad_bias`` are those of a gamma of ones and a beta of zeros.
     """
@@ -221,26 +233,17 @@ def backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd
     x3, g3 = as_channels_by_positions(x, read_as), as_channels_by_positions(grad_z, read_as)
     gamma, offset = _affine(weight, bias, mean)
     limit = clamp_limit(clamp_value, clamp_mode, weight, bias)
-    alpha = _alpha(alpha_now, alpha_fwd)
-    # A batch of one keeps the doc's gradient: the fit over one sample would take a dense sample's gradient whole.
-    project = projection == BATCH and x.shape[0] > 1
-    args = (
-        mean,
-        var,
-        gamma,
-        offset,
-        u.to(dtype),
-        v.to(dtype),
-        alpha,
-        alpha_bkw,
-        eps,
-        limit,
-        control == STABLE,
-        project,
-    )
+    args = (mean, var, gamma, offset, u.to(dtype), v.to(dtype), alpha, alpha_bkw, eps, limit, control == STABLE,
+            _projects(projection, x))  # fmt: skip
     grad_x, grad_weight, grad_bias, u_new, v_new = run.backward(g3, x3, *args)
     check_state(name, {"u_ctrl": u_new, "v_ctrl": v_new}, forward=False, control=control)
     return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias, u_new, v_new
+
+
+def _projects(projection: str, x: Tensor) -> bool:
+    """Whether x's gradient is projected within the batch. A batch of one keeps the doc's gradient: the fit over
+    one sample would take a dense sample's gradient whole."""
+    return projection == BATCH and x.shape[0] > 1
 
 
 def _activations_dtype(run: Implementation, x: Tensor, out_dtype: torch.dtype, stat: torch.dtype) -> torch.dtype:
@@ -256,142 +259,164 @@ def _affine(weight: Tensor | None, bias: Tensor | None, like: Tensor) -> tuple[T
     return gamma, offset
 
 
-# ---- The registered ops -------------------------------------------------------------------------
-
-
-@torch.library.custom_op("onorm::train_forward", mutates_args=())
-def train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor, v: Tensor,
-    alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
-    clamp_mode: str, control: str, projection: str, out_dtype: torch.dtype, name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """ON's training forward (see the module docstring); ``u``, ``v`` are for its backward."""
-    z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode, out_dtype,
-                             name)  # fmt: skip
-    return _as_promised(z, x), *(_as_promised(t, t) for t in state)
-
-
-@train_forward.register_fake
-def _(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
-      projection, out_dtype, name):  # fmt: skip
-    dtype = stat_dtype(x, mean)
-    new_state = [mean.new_empty(mean.shape, dtype=dtype) for _ in range(2)]
-    rows = 2 if alpha_now is None else 3
-    return torch.empty_like(x, dtype=out_dtype), *new_state, mean.new_empty((rows, *mean.shape), dtype=dtype)
-
-
-@torch.library.custom_op("onorm::train_backward", mutates_args=())
-def train_backward(
-    grad_z: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, u: Tensor,
-    v: Tensor, alpha_now: Tensor | None, alpha_fwd: float, alpha_bkw: float, eps: float, clamp_value: float | None,
-    clamp_mode: str, control: str, projection: str, name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """ON's training backward: the gradients of ``x``, ``weight``, ``bias`` and the new ``u``, ``v``."""
-    grad_x, *rest = backward_impl(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps,
-                                  clamp_value, clamp_mode, control, projection, name)  # fmt: skip
-    return _as_promised(grad_x, x), *(_as_promised(t, t) for t in rest)
-
-
-@train_backward.register_fake
-def _(grad_z, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
-      projection, name):  # fmt: skip
-    per_channel = [mean.new_empty(mean.shape) for _ in range(4)]
-    return torch.empty_like(x), *per_channel
-
-
-def _as_promised(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (shaped as ``like``) laid out as ``torch.empty_like(like)``, which the fake ops promise: its
-    strides, its own storage from offset 0.
-
-    The implementations' outputs mostly are; those at an offset (a scan's last state) and in
-    other layouts (the native kernels' output for a transposed dense input) are copied.
-    """
-    promised = torch.empty_like(like, dtype=t.dtype, device="meta")
-    if t.stride() == promised.stride() and t.storage_offset() == 0:
-        return t.detach()  # not a view: an op's output that a following ReLU(inplace=True) may modify
-    return torch.empty_like(like, dtype=t.dtype).copy_(t)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _, _, u, v, _, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, projection, _, name = (
-        inputs
-    )
-    ctx.save_for_backward(x, weight, bias, output[3])
-    # Not saved tensors: backward reads u, v as they are when it runs (a layer called twice runs
-    # its backward twice, each advancing them) and writes them, which saved tensors forbid.
-    ctx.u, ctx.v = u, v
-    ctx.settings = (alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control, projection, name)
-
-
-def _backward(ctx, grad_z, *_state_grads, run_backward=train_backward):
-    """The gradients of ``train_forward``'s inputs; advances ``u``, ``v`` in place."""
-    x, weight, bias, before = ctx.saved_tensors
-    mean, var, *alpha_row = before  # the alpha an adaptive layer's forward used (see forward_impl)
-    alpha_now = alpha_row[0][0] if alpha_row else None
-    grad_x, grad_weight, grad_bias, u_new, v_new = run_backward(grad_z, x, weight, bias, mean, var, ctx.u, ctx.v,
-                                                                alpha_now, *ctx.settings)  # fmt: skip
-    with torch.no_grad():
-        ctx.u.copy_(u_new)
-        ctx.v.copy_(v_new)
-    grad_weight = None if weight is None else grad_weight.to(weight.dtype)
-    grad_bias = None if bias is None else grad_bias.to(bias.dtype)
-    return grad_x, grad_weight, grad_bias, *(None,) * 14
-
-
-train_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("onorm::train_backward cannot be differentiated: ON's backward is a controlled process, "
-                       "not a derivative (as a function marked with @once_differentiable)")  # fmt: skip
-
-
-train_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-# ---- What the layers call -----------------------------------------------------------------------
-
-
 class _EagerStep(torch.autograd.Function):
-    """``train_forward`` without the dispatcher: the same implementations and autograd formula."""
+    """The step on an implementation's fused passes; u, v advance in place when backward runs."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        (
-            x,
-            weight,
-            bias,
-            mean,
-            var,
-            _,
-            _,
-            alpha_now,
-            alpha_fwd,
-            _,
-            eps,
-            clamp_value,
-            clamp_mode,
-            _,
-            _,
-            out_dtype,
-            name,
-        ) = inputs
-        z, *state = forward_impl(x, weight, bias, mean, var, alpha_now, alpha_fwd, eps, clamp_value, clamp_mode,
-                                 out_dtype, name)  # fmt: skip
-        _setup_context(ctx, inputs, (z, *state))
-        ctx.mark_non_differentiable(*state)
+    def forward(ctx, x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode,
+                control, projection, out_dtype, name):  # fmt: skip
+        alpha = _alpha(alpha_now, alpha_fwd)
+        z, mean_new, var_new = forward_impl(x, weight, bias, mean, var, alpha, eps, clamp_value, clamp_mode, out_dtype,
+                                            name)  # fmt: skip
+        # The state before the step, copied: the caller overwrites its buffers with the new one.
+        dtype = mean_new.dtype
+        ctx.save_for_backward(x, weight, bias, mean.to(dtype, copy=True), var.to(dtype, copy=True))
+        # Not saved tensors: backward reads u, v as they are when it runs (a layer called twice runs
+        # its backward twice, each advancing them) and writes them, which saved tensors forbid.
+        ctx.u, ctx.v = u, v
+        ctx.settings = (alpha, alpha_bkw, eps, clamp_value, clamp_mode, control, projection, name)
+        ctx.mark_non_differentiable(mean_new, var_new)
         # detach(): the same memory without the view relation autograd forbids for a Function's
         # output that a following ReLU(inplace=True) modifies.
-        return z.detach(), *state
+        return z.detach(), mean_new, var_new
 
     @staticmethod
     @once_differentiable  # ON's backward is not a derivative: differentiating it again raises
-    def backward(ctx, grad_z, *state_grads):
-        return _backward(ctx, grad_z, *state_grads, run_backward=backward_impl)
+    def backward(ctx, grad_z, *_state_grads):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, u_new, v_new = backward_impl(grad_z, x, weight, bias, mean, var, ctx.u, ctx.v,
+                                                                     *ctx.settings)  # fmt: skip
+        with torch.no_grad():
+            ctx.u.copy_(u_new)
+            ctx.v.copy_(v_new)
+        grad_weight = None if weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if bias is None else grad_bias.to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, *(None,) * 14
 
 
-def train_step(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``train_forward(*inputs)``: the registered op while being traced, the same computation without it in eager."""
+# ---- The traced step: two registered ops, the elementwise work the compiler's -------------------
+
+
+@torch.library.custom_op("onorm::train_statistics", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def train_statistics(
+    x: Tensor, mean: Tensor, var: Tensor, u: Tensor, v: Tensor, alpha_now: Tensor | None, alpha_fwd: float,
+    alpha_bkw: float, eps: float, control: str, projection: str, name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(center, inv_k, d, s, mean_new, var_new)`` of ON's training forward (see the module docstring).
+
+    ``u``, ``v`` and the settings after ``eps`` are for its autograd formula.
+    """
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        dtype = stat_dtype(x, mean)
+        x3 = as_channels_by_positions(x, dtype)
+        out = implementation(x).statistics(x3, mean.to(dtype), var.to(dtype), _alpha(alpha_now, alpha_fwd), eps)
+    center, inv_k, d, s, mean_new, var_new = out
+    check_state(name, {"running_mean": mean_new, "running_var": var_new}, forward=True)
+    return tuple(_as_new(t) for t in out)
+
+
+@train_statistics.register_fake
+def _(x, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, control, projection, name):
+    dtype = stat_dtype(x, mean)
+    per_sample = [x.new_empty(x.shape[:2], dtype=dtype) for _ in range(4)]
+    return *per_sample, mean.new_empty(mean.shape, dtype=dtype), mean.new_empty(mean.shape, dtype=dtype)
+
+
+@torch.library.custom_op("onorm::train_control", mutates_args=())
+def train_control(
+    sum_g: Tensor, sum_g_xc: Tensor, center: Tensor, inv_k: Tensor, d: Tensor, s: Tensor, u: Tensor, v: Tensor,
+    alpha_bkw: float, eps: float, count: int, control: str, project: bool, name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(xc_coef, const, u_new, v_new)``: ON's backward control (see the module docstring and :func:`.functional.scan_control`)."""
+    dtype = sum_g.dtype
+    out = implementation(sum_g).control(sum_g, sum_g_xc, center, inv_k, d, s, u.to(dtype), v.to(dtype), alpha_bkw, eps,
+                                        count, control == STABLE, project)  # fmt: skip
+    check_state(name, {"u_ctrl": out[2], "v_ctrl": out[3]}, forward=False, control=control)
+    return tuple(_as_new(t) for t in out)
+
+
+@train_control.register_fake
+def _(sum_g, sum_g_xc, center, inv_k, d, s, u, v, alpha_bkw, eps, count, control, project, name):
+    return (
+        torch.empty_like(sum_g),
+        torch.empty_like(sum_g),
+        u.new_empty(u.shape, dtype=sum_g.dtype),
+        u.new_empty(u.shape, dtype=sum_g.dtype),
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("onorm::train_control cannot be differentiated: ON's backward is a controlled process, "
+                       "not a derivative (as a function marked with @once_differentiable)")  # fmt: skip
+
+
+train_control.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _as_new(t: Tensor) -> Tensor:
+    """``t`` as the fake ops promise their outputs: contiguous, its own storage from offset 0 (a scan's last
+    state is a view at an offset, and an output must not alias an input)."""
+    return t.detach() if t.is_contiguous() and t.storage_offset() == 0 else t.contiguous().clone()
+
+
+def _statistics_context(ctx, inputs, output) -> None:
+    x, _, _, u, v, _, _, alpha_bkw, eps, control, projection, name = inputs
+    ctx.save_for_backward(x, *output[:4])
+    ctx.mark_non_differentiable(*output[2:])  # d, s and the new state: only center and inv_k shape z
+    ctx.u, ctx.v = u, v  # read and written when backward runs (see _EagerStep)
+    ctx.settings = (alpha_bkw, eps, control, projection, name)
+
+
+def _statistics_backward(ctx, grad_center, grad_inv_k, *_state_grads):
+    """x's gradient beyond the graph's own ``g / k``; advances ``u``, ``v`` in place."""
+    x, center, inv_k, d, s = ctx.saved_tensors
+    alpha_bkw, eps, control, projection, name = ctx.settings
+    count = math.prod(x.shape[2:])
+    # z = (x - center) * inv_k * gamma + beta, so these are -inv_k * sum(g) and sum(g * (x - center)) per sample.
+    sum_g, sum_g_xc = -grad_center / inv_k, grad_inv_k
+    xc_coef, const, u_new, v_new = train_control(sum_g, sum_g_xc, center, inv_k, d, s, ctx.u, ctx.v, alpha_bkw, eps,
+                                                 count, control, _projects(projection, x), name)  # fmt: skip
+    with torch.no_grad():
+        ctx.u.copy_(u_new)
+        ctx.v.copy_(v_new)
+    per_sample = _per_sample_shape(x)
+    grad_x = (x.to(center.dtype) - center.reshape(per_sample)) * xc_coef.reshape(per_sample)
+    return (grad_x + const.reshape(per_sample)).to(x.dtype), *(None,) * 11
+
+
+train_statistics.register_autograd(_statistics_backward, setup_context=_statistics_context)
+
+
+def _per_sample_shape(x: Tensor) -> tuple[int, ...]:
+    """``(N, C, 1, ...)``: an ``(N, C)`` tensor's shape to broadcast against ``x``."""
+    return (*x.shape[:2], *(1,) * (x.ndim - 2))
+
+
+def traced_step(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode,
+                control, projection, out_dtype, name) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The step as ``torch.compile`` and ``torch.export`` trace it: ``train_statistics`` and elementwise ops."""
+    center, inv_k, _, _, mean_new, var_new = train_statistics(x, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps,
+                                                              control, projection, name)  # fmt: skip
+    per_sample, per_channel = _per_sample_shape(x), (1, x.shape[1], *(1,) * (x.ndim - 2))
+    scale = inv_k if weight is None else inv_k * weight.to(inv_k.dtype)
+    z = (x.to(center.dtype) - center.reshape(per_sample)) * scale.reshape(per_sample)
+    if bias is not None:
+        z = z + bias.to(z.dtype).reshape(per_channel)
+    if clamp_value is not None:
+        limit = clamp_bound(clamp_value, clamp_mode, weight, bias)
+        z = z.clamp(-limit, limit)
+    return z.to(out_dtype), mean_new, var_new
+
+
+def train_step(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+               projection, out_dtype, name) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One training step of a layer: ``(z, mean_new, var_new)``; u, v advance in place when backward runs.
+
+    ``z`` is shaped as ``x``, in ``out_dtype``. The registered ops while ``torch.compile`` or
+    ``torch.export`` traces it (:func:`traced_step`), the fused passes in eager (:class:`_EagerStep`).
+    """
+    inputs = (x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps, clamp_value, clamp_mode, control,
+              projection, out_dtype, name)  # fmt: skip
     if torch.compiler.is_compiling():
-        return train_forward(*inputs)
+        return traced_step(*inputs)
     return _EagerStep.apply(*inputs)

@@ -102,7 +102,7 @@ def _shifted(t: Tensor, shift: int, fill: float) -> Tensor:
 def _power_matrix(decay: float, steps: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``W[t, j] = decay**(t-j)`` for ``j <= t`` else 0, shape ``(steps, steps)``; and ``decay**(t+1)``.
 
-    Cached: one per layer setting and batch size. The scans run inside the registered op, never traced.
+    Cached: one per layer setting and batch size. The scans run eagerly or inside the registered ops, never traced.
     """
     t = torch.arange(steps, dtype=torch.float64).unsqueeze(1)
     exponent = t - torch.arange(steps, dtype=torch.float64).unsqueeze(0)
