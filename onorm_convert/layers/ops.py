@@ -397,11 +397,13 @@ def traced_step(x, weight, bias, mean, var, u, v, alpha_now, alpha_fwd, alpha_bk
     """The step as ``torch.compile`` and ``torch.export`` trace it: ``train_statistics`` and elementwise ops."""
     center, inv_k, _, _, mean_new, var_new = train_statistics(x, mean, var, u, v, alpha_now, alpha_fwd, alpha_bkw, eps,
                                                               control, projection, name)  # fmt: skip
-    per_sample, per_channel = _per_sample_shape(x), (1, x.shape[1], *(1,) * (x.ndim - 2))
+    per_sample = _per_sample_shape(x)
     scale = inv_k if weight is None else inv_k * weight.to(inv_k.dtype)
     z = (x.to(center.dtype) - center.reshape(per_sample)) * scale.reshape(per_sample)
     if bias is not None:
-        z = z + bias.to(z.dtype).reshape(per_channel)
+        # beta per sample: its gradient is then a per-sample sum, taken in the same pass as those of center and 1/k,
+        # not a reduction over the whole batch of its own.
+        z = z + bias.to(z.dtype).expand(center.shape).reshape(per_sample)
     if clamp_value is not None:
         limit = clamp_bound(clamp_value, clamp_mode, weight, bias)
         z = z.clamp(-limit, limit)
