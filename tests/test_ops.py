@@ -161,9 +161,15 @@ def test_native_without_the_kernels_is_an_error(monkeypatch):
         ops.set_backend("native")
 
 
-def test_a_training_step_looks_up_nothing_in_the_environment_or_the_file_system(monkeypatch):
-    """No compiler discovery, file checks, cache lookups or environment reads per call: they were done once."""
-    layer = OnlineNorm2d(3)
+@pytest.mark.parametrize("step", ["eager", "traced"])
+def test_a_training_step_looks_up_nothing_in_the_environment_or_the_file_system(monkeypatch, step):
+    """No compiler discovery, file checks, cache lookups or environment reads per call: they were done once.
+
+    ``traced``: the registered ops and the elementwise step a compiled model runs, called eagerly.
+    """
+    if step == "traced":
+        monkeypatch.setattr(online_norm, "train_step", ops.traced_step)
+    layer = OnlineNorm2d(3, alpha_mode="adaptive", clamp_mode="affine", projection="batch")
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     layer(x).sum().backward()  # the first step chooses the backend (and builds the kernels)
 
