@@ -306,13 +306,15 @@ def train_statistics(
 
     ``u``, ``v`` and the settings after ``eps`` are for its autograd formula.
     """
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        dtype = stat_dtype(x, mean)
-        x3 = as_channels_by_positions(x, dtype)
-        out = implementation(x).statistics(x3, mean.to(dtype), var.to(dtype), _alpha(alpha_now, alpha_fwd), eps)
-    center, inv_k, d, s, mean_new, var_new = out
-    check_state(name, {"running_mean": mean_new, "running_var": var_new}, forward=True)
+    out = _statistics(x, mean, var, _alpha(alpha_now, alpha_fwd), eps)
+    check_state(name, {"running_mean": out[4], "running_var": out[5]}, forward=True)
     return tuple(_as_new(t) for t in out)
+
+
+@_without_autocast
+def _statistics(x, mean, var, alpha, eps):
+    dtype = stat_dtype(x, mean)
+    return implementation(x).statistics(as_channels_by_positions(x, dtype), mean.to(dtype), var.to(dtype), alpha, eps)
 
 
 @train_statistics.register_fake
@@ -329,10 +331,15 @@ def train_control(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``(xc_coef, const, u_new, v_new)``: ON's backward control (see the module docstring and :func:`.functional.scan_control`)."""
     dtype = sum_g.dtype
-    out = implementation(sum_g).control(sum_g, sum_g_xc, center, inv_k, d, s, u.to(dtype), v.to(dtype), alpha_bkw, eps,
-                                        count, control == STABLE, project)  # fmt: skip
+    out = _control(sum_g, sum_g_xc, center, inv_k, d, s, u.to(dtype), v.to(dtype), alpha_bkw, eps, count,
+                   control == STABLE, project)  # fmt: skip
     check_state(name, {"u_ctrl": out[2], "v_ctrl": out[3]}, forward=False, control=control)
     return tuple(_as_new(t) for t in out)
+
+
+@_without_autocast
+def _control(sum_g, *args):
+    return implementation(sum_g).control(sum_g, *args)
 
 
 @train_control.register_fake
