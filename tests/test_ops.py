@@ -240,6 +240,24 @@ def test_a_converted_model_trains_under_torch_compile_as_in_eager(path):
         torch.testing.assert_close(actual[name], value, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
+def test_a_compiled_model_follows_eager_as_the_batch_size_changes():
+    """dynamic=True, batches of 8, 5, 1 and 7 (the projection is off at 1): the same gradients and state, float64."""
+    torch.manual_seed(0)
+    model = convert(_small_convnet().double())
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True)
+    for size in (8, 5, 1, 7):
+        x = torch.randn(size, 3, 6, 6, dtype=torch.float64)
+        for run in (model, compiled):
+            run(x).square().sum().backward()
+    expected = model.state_dict() | {f"{name}.grad": p.grad for name, p in model.named_parameters()}
+    actual = twin.state_dict() | {f"{name}.grad": p.grad for name, p in twin.named_parameters()}
+    assert sum(name.endswith(STATE_BUFFERS) for name in actual) == 4 * 3
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_converted_model_exports(mode):
     model = convert(_small_convnet(), clamp_mode="affine")
