@@ -86,23 +86,23 @@ inline Projection batch_projection(const A* sum_gz, const A* sum_gz_xc, const A*
     return {sum_gx / total / (spread / A(n) + eps), batch_mean, sum_g / total};
 }
 
-template <typename T>
-void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
-             const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
+// The dense forward stream: per block of channels, each sample t in order calls visit(i, c, d, inv_k, mu_prev) for
+// its value i = t * C + c, with d = x - mu_prev and 1 / k before the sample; then the state advances, and the state
+// after the batch goes to mean_out, var_out. The training forward and the traced step's statistics both walk it.
+template <typename T, typename Visit>
+void dense_stream(const T* x, int64_t n, int64_t channels, const T* mean0, const T* var0, double alpha_fwd, double eps,
+                  T* mean_out, T* var_out, int threads, Visit visit) {
     const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
     for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
-        std::vector<A> g(gamma + c0, gamma + c1), o(beta + c0, beta + c1);
-        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data(), *gm = g.data(), *of = o.data();
+        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data();
         for (int64_t t = 0; t < n; ++t) {
-            const T* xt = x + t * channels + c0;
-            T* zt = z + t * channels + c0;
+            const int64_t at = t * channels + c0;
 #pragma omp simd
             for (int64_t j = 0; j < w; ++j) {
-                const A d = (A(xt[j]) - mu0[j]) - dr[j];
-                const A y = d * (1 / std::sqrt(vr[j] + e));
-                zt[j] = clamp_to(T(y * gm[j] + of[j]), T(limit));
+                const A d = (A(x[at + j]) - mu0[j]) - dr[j];
+                visit(at + j, c0 + j, d, 1 / std::sqrt(vr[j] + e), mu0[j] + dr[j]);
                 vr[j] = a * vr[j] + ab * (d * d);
                 dr[j] += b * d;
             }
@@ -112,6 +112,15 @@ void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0
             var_out[c0 + j] = T(vr[j]);
         }
     });
+}
+
+template <typename T>
+void dense_forward(const T* x, T* z, int64_t n, int64_t channels, const T* mean0, const T* var0, const T* gamma,
+             const T* beta, double alpha_fwd, double eps, double limit, T* mean_out, T* var_out, int threads) {
+    dense_stream(x, n, channels, mean0, var0, alpha_fwd, eps, mean_out, var_out, threads,
+                 [&](int64_t i, int64_t c, A d, A inv_k, A) {
+                     z[i] = clamp_to(T(d * inv_k * A(gamma[c]) + A(beta[c])), T(limit));
+                 });
 }
 
 template <typename T>
@@ -553,29 +562,13 @@ void channels_last_backward(const T* grad, const T* x, T* grad_x, int64_t n, int
 template <typename T>
 void dense_statistics(const T* x, int64_t n, int64_t channels, const T* mean0, const T* var0, double alpha_fwd,
                       double eps, T* center, T* inv_k, T* d_out, T* s_out, T* mean_out, T* var_out, int threads) {
-    const A a = alpha_fwd, b = 1 - alpha_fwd, ab = alpha_fwd * (1 - alpha_fwd), e = eps;
-    for_channel_blocks(channels, kDenseBlock, threads, [&](int64_t c0, int64_t c1) {
-        const int64_t w = c1 - c0;
-        std::vector<A> drift(w, 0.0), var(var0 + c0, var0 + c1), m0(mean0 + c0, mean0 + c1);
-        A *dr = drift.data(), *vr = var.data(), *mu0 = m0.data();
-        for (int64_t t = 0; t < n; ++t) {
-            const int64_t at = t * channels + c0;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) {
-                const A d = (A(x[at + j]) - mu0[j]) - dr[j];
-                center[at + j] = T(mu0[j] + dr[j]);
-                inv_k[at + j] = T(1 / std::sqrt(vr[j] + e));
-                d_out[at + j] = T(d);
-                s_out[at + j] = T(0);
-                vr[j] = a * vr[j] + ab * (d * d);
-                dr[j] += b * d;
-            }
-        }
-        for (int64_t j = 0; j < w; ++j) {
-            mean_out[c0 + j] = T(mu0[j] + dr[j]);
-            var_out[c0 + j] = T(vr[j]);
-        }
-    });
+    dense_stream(x, n, channels, mean0, var0, alpha_fwd, eps, mean_out, var_out, threads,
+                 [&](int64_t i, int64_t, A d, A ik, A mu_prev) {
+                     center[i] = T(mu_prev);
+                     inv_k[i] = T(ik);
+                     d_out[i] = T(d);
+                     s_out[i] = T(0);  // a sample's one value: variance 0
+                 });
 }
 
 template <typename T>

@@ -286,12 +286,17 @@ class _EagerStep(torch.autograd.Function):
         x, weight, bias, mean, var = ctx.saved_tensors
         grad_x, grad_weight, grad_bias, u_new, v_new = backward_impl(grad_z, x, weight, bias, mean, var, ctx.u, ctx.v,
                                                                      *ctx.settings)  # fmt: skip
-        with torch.no_grad():
-            ctx.u.copy_(u_new)
-            ctx.v.copy_(v_new)
+        _advance_controls(ctx, u_new, v_new)
         grad_weight = None if weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if bias is None else grad_bias.to(bias.dtype)
         return grad_x, grad_weight, grad_bias, *(None,) * 14
+
+
+def _advance_controls(ctx, u_new: Tensor, v_new: Tensor) -> None:
+    """Write a backward's new u, v into the layer's buffers (``ctx.u``, ``ctx.v``, not saved tensors: see _EagerStep)."""
+    with torch.no_grad():
+        ctx.u.copy_(u_new)
+        ctx.v.copy_(v_new)
 
 
 # ---- The traced step: two registered ops, the elementwise work the compiler's -------------------
@@ -383,9 +388,7 @@ def _statistics_backward(ctx, grad_center, grad_inv_k, *_state_grads):
     sum_g, sum_g_xc = -grad_center / inv_k, grad_inv_k
     xc_coef, const, u_new, v_new = train_control(sum_g, sum_g_xc, center, inv_k, d, s, ctx.u, ctx.v, alpha_bkw, eps,
                                                  count, control, _projects(projection, x), name)  # fmt: skip
-    with torch.no_grad():
-        ctx.u.copy_(u_new)
-        ctx.v.copy_(v_new)
+    _advance_controls(ctx, u_new, v_new)
     per_sample = _per_sample_shape(x)
     grad_x = (x.to(center.dtype) - center.reshape(per_sample)) * xc_coef.reshape(per_sample)
     return (grad_x + const.reshape(per_sample)).to(x.dtype), *(None,) * 11
