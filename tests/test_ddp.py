@@ -10,8 +10,10 @@ DDP's gradients must be the mean of the replicas' own.
 
 from __future__ import annotations
 
+import faulthandler
 import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -113,6 +115,10 @@ def train_replica(rank: int, broadcast_buffers: bool) -> dict:
 
 
 def worker(rank: int, out_dir: str) -> None:
+    # A crash in native code leaves this rank's Python stack in a file the test shows. CI once saw rank 0
+    # abort ("terminate called without an active exception"), where, it did not say; 20 reruns here passed.
+    crash_log = open(os.path.join(out_dir, f"rank{rank}.crash"), "w")
+    faulthandler.enable(file=crash_log)
     torch.set_num_threads(1)
     # ONORM_BACKEND stays unset: the dense norm takes the native kernel (from the session's cache folder, inherited).
     # A file rendezvous: no TCP port that another process could take between choosing and binding it.
@@ -121,12 +127,26 @@ def worker(rank: int, out_dir: str) -> None:
     try:
         reports = {mode: train_replica(rank, mode) for mode in (True, False)}
         torch.save(reports, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer's last collective is still in flight
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown (the static destructors of torch's native libraries, not this test's
+    # subject), as a forked child does; a spawned one would otherwise run it.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
+
+def crash_logs(out_dir) -> str:
+    """What faulthandler wrote for each rank that crashed (empty for ranks that did not)."""
+    logs = {path.name: path.read_text().strip() for path in sorted(out_dir.glob("rank*.crash"))}
+    return "\n".join(f"{name}:\n{text}" for name, text in logs.items() if text)
 
 
 def test_converted_model_under_ddp(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as err:
+        pytest.fail(f"{err}; the crashed ranks' stacks:\n{crash_logs(tmp_path)}")
     for rank in range(WORLD):
         reports = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for broadcast_buffers, report in reports.items():
